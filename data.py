@@ -1,0 +1,358 @@
+"""Data: MedMNIST loading (download, MD5, validation), a synthetic stand-in, batches and augmentation.
+
+    from data import load_data, normalize
+    data = load_data("pathmnist", size=28, data_dir="./data", splits=("train", "val"))
+    x = normalize(data.splits["train"].images[:64])       # uint8 (N,C,H,W) -> model input
+
+Every split is held in memory as one uint8 tensor (N,C,H,W): batches are index gathers, never a
+PIL image per sample. Augmentation works on whole batches, on the device the model runs on.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SPLITS = ("train", "val", "test")
+SIZES = (28, 64, 128, 224)
+# The first seed's Normalize(0.5, 0.5), as in MedMNIST's own experiments: maps [0,1] to [-1,1].
+MEAN, STD = 0.5, 0.5
+
+PATHMNIST_CLASSES = ["adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
+                     "normal colon mucosa", "cancer-associated stroma",
+                     "colorectal adenocarcinoma epithelium"]
+
+
+class DataError(Exception):
+    """A data file is missing or malformed; the message names the file and the remedy."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor               # uint8 (N, C, H, W)
+    labels: torch.Tensor               # int64 (N,), or (N, L) 0/1 for multi-label tasks
+    masks: torch.Tensor | None = None  # bool (N, H, W): where the class evidence is (synthetic only)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Data:
+    flag: str                  # "pathmnist", "bloodmnist", ..., or "synthetic"
+    size: int
+    task: str                  # MedMNIST's task string, e.g. "multi-class"
+    class_names: list[str]
+    n_channels: int
+    source: str                # the file the data came from, or how it was generated
+    splits: dict[str, Split]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def medmnist_info(flag: str) -> dict:
+    """MedMNIST's metadata for a 2D flag (URLs, MD5s, labels, task); clear error for others."""
+    from medmnist import INFO  # imported here so that synthetic runs and tests do not pay for it
+    flags_2d = sorted(k for k in INFO if not k.endswith("3d"))
+    if flag not in flags_2d:
+        raise DataError(f"unknown dataset {flag!r}; choose one of: synthetic, {', '.join(flags_2d)}")
+    return INFO[flag]
+
+
+def dataset_choices() -> list[str]:
+    from medmnist import INFO
+    return ["synthetic"] + sorted(k for k in INFO if not k.endswith("3d"))
+
+
+def npz_path(flag: str, size: int, data_dir: str | os.PathLike) -> Path:
+    """Where MedMNIST keeps a file: DIR/pathmnist.npz at 28, DIR/pathmnist_64.npz at 64, ..."""
+    suffix = "" if size == 28 else f"_{size}"
+    return Path(data_dir) / f"{flag}{suffix}.npz"
+
+
+def md5sum(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(flag: str, size: int, data_dir: str | os.PathLike) -> Path:
+    """Download a MedMNIST file with a progress bar and verify its MD5 before it is put in place."""
+    from tqdm import tqdm
+    info, key = medmnist_info(flag), "" if size == 28 else f"_{size}"
+    url, md5 = info[f"url{key}"], info[f"MD5{key}"]
+    path = npz_path(flag, size, data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_suffix(".npz.part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(part, "wb") as f, tqdm(
+                total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                desc=f"downloading {path.name}") as bar:
+            while block := r.read(1 << 20):
+                f.write(block)
+                bar.update(len(block))
+    except (urllib.error.URLError, OSError) as e:
+        part.unlink(missing_ok=True)
+        raise DataError(
+            f"{path} not found and downloading {url} failed ({getattr(e, 'reason', e)}); download it "
+            f"on a machine with internet into {path.parent}, or pass --data-dir DIR_OR_FILE.npz, "
+            f"or use --dataset synthetic") from None
+    got = md5sum(part)
+    if got != md5:
+        part.unlink()
+        raise DataError(f"{url}: MD5 {got} does not match the expected {md5}; the download is "
+                        f"corrupt, run again to retry or fetch {path.name} by hand")
+    os.replace(part, path)
+    return path
+
+
+def load_data(dataset: str = "pathmnist", size: int = 28, data_dir: str | os.PathLike = "data",
+              splits: tuple[str, ...] = SPLITS, seed: int = 0, download_missing: bool = True,
+              synthetic_sizes: tuple[int, int, int] = (10000, 2000, 2000)) -> Data:
+    """Load the requested splits of a MedMNIST flag or of the synthetic data set.
+
+    `data_dir` is a folder (files named as MedMNIST names them) or one .npz file in the same layout,
+    such as a subset holding only `test_images`/`test_labels`.
+    """
+    if size not in SIZES:
+        raise DataError(f"size {size} is not offered; choose one of {SIZES}")
+    for s in splits:
+        if s not in SPLITS:
+            raise DataError(f"unknown split {s!r}; choose one of {SPLITS}")
+    if dataset == "synthetic":
+        arrays = make_synthetic(size, seed, dict(zip(SPLITS, synthetic_sizes)), splits)
+        source = f"synthetic (seed {seed}, {'/'.join(map(str, synthetic_sizes))} train/val/test)"
+        return Data("synthetic", size, "multi-class", list(SYNTHETIC_CLASSES), 3, source,
+                    _validate(arrays, source, splits, 9, 3, size, "multi-class"))
+    info = medmnist_info(dataset)
+    path = Path(data_dir)
+    if path.suffix != ".npz":
+        path = npz_path(dataset, size, path)
+        if not path.exists():
+            if not download_missing:
+                raise DataError(f"{path} not found; download {info['url' + ('' if size == 28 else f'_{size}')]} "
+                                f"into {path.parent}, pass --data-dir DIR_OR_FILE.npz, or use --dataset synthetic")
+            download(dataset, size, path.parent)
+    elif not path.exists():
+        raise DataError(f"{path} not found; check the --data-dir path")
+    names = info["label"]
+    class_names = [names[str(i)] for i in range(len(names))]
+    task = info["task"]
+    n_labels = len(class_names) if task.startswith("multi-label") else None
+    return Data(dataset, size, task, class_names, info["n_channels"], str(path),
+                _validate(_read_npz(path, splits), str(path), splits, len(class_names),
+                          info["n_channels"], size, task, n_labels))
+
+
+def _read_npz(path: Path, splits) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            keys = set(f.files)
+            wanted = [f"{s}_{k}" for s in splits for k in ("images", "labels", "masks")]
+            return {k: f[k] for k in wanted if k in keys} | {"_keys": np.array(sorted(keys))}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"{path}: not a readable .npz file ({e}); the file is truncated or corrupt, "
+                        f"delete it and download it again") from None
+
+
+def _validate(arrays: dict, source: str, splits, num_classes: int, n_channels: int, size: int,
+              task: str, n_labels: int | None = None) -> dict[str, Split]:
+    """Check keys, dtypes, shapes and label ranges; return tensors in (N,C,H,W) layout."""
+    out = {}
+    keys = ", ".join(arrays.get("_keys", [])) or "none"
+    for s in splits:
+        if f"{s}_images" not in arrays or f"{s}_labels" not in arrays:
+            raise DataError(f"{source}: has no {s!r} split (needs {s}_images and {s}_labels; "
+                            f"keys present: {keys}); choose another --split or another file")
+        x, y = arrays[f"{s}_images"], arrays[f"{s}_labels"]
+        if x.dtype != np.uint8:
+            raise DataError(f"{source}: {s}_images has dtype {x.dtype}, expected uint8 images")
+        if x.ndim == 3 and n_channels == 1:
+            x = x[..., None]
+        if x.ndim != 4 or x.shape[1:] != (size, size, n_channels):
+            raise DataError(f"{source}: {s}_images has shape {x.shape}, expected "
+                            f"(N, {size}, {size}, {n_channels}); check --size and --dataset")
+        if len(x) == 0:
+            raise DataError(f"{source}: the {s!r} split is empty")
+        if not np.issubdtype(y.dtype, np.integer) and not (
+                np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y))):
+            raise DataError(f"{source}: {s}_labels has dtype {y.dtype}, expected integer labels")
+        width = n_labels or 1
+        if y.shape != (len(x), width) and not (width == 1 and y.shape == (len(x),)):
+            raise DataError(f"{source}: {s}_labels has shape {y.shape}, expected ({len(x)}, {width})")
+        hi = 1 if n_labels else num_classes - 1
+        if y.min() < 0 or y.max() > hi:
+            raise DataError(f"{source}: {s}_labels has values in [{y.min()}, {y.max()}], "
+                            f"expected [0, {hi}]")
+        labels = torch.from_numpy(y.astype(np.int64).reshape(len(x), -1))
+        masks = arrays.get(f"{s}_masks")
+        if masks is not None and masks.shape != (len(x), size, size):
+            raise DataError(f"{source}: {s}_masks has shape {masks.shape}, expected ({len(x)}, {size}, {size})")
+        out[s] = Split(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+                       labels if n_labels else labels[:, 0],
+                       None if masks is None else torch.from_numpy(masks.astype(bool)))
+    return out
+
+
+def save_npz(path: str | os.PathLike, data: Data) -> None:
+    """Write splits in MedMNIST's npz layout (images N,H,W,C uint8; labels N,1), plus masks if any."""
+    arrays = {}
+    for s, sp in data.splits.items():
+        arrays[f"{s}_images"] = sp.images.permute(0, 2, 3, 1).numpy()
+        arrays[f"{s}_labels"] = sp.labels.reshape(len(sp), -1).numpy().astype(np.uint8)
+        if sp.masks is not None:
+            arrays[f"{s}_masks"] = sp.masks.numpy()
+    np.savez_compressed(path, **arrays)
+
+
+# ------------------------------------------------------------------------------------------------
+# Normalisation and batch augmentation
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N,C,H,W) in [0,255] -> float model input."""
+    return (x.float() / 255.0 - MEAN) / STD
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Model input -> float images in [0,1], for figures in true colours."""
+    return (x * STD + MEAN).clamp(0, 1)
+
+
+def batches(n: int, batch_size: int, shuffle: bool = False,
+            generator: torch.Generator | None = None):
+    """Index tensors covering range(n), in a random order drawn from `generator` when shuffling."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    return order.split(batch_size)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, max_degrees: float = 10.0) -> torch.Tensor:
+    """Label-preserving augmentation of a normalised batch, all tensor ops on x's device.
+
+    Tissue has no orientation, so the 8 flips/90-degree rotations are free; a small random rotation
+    (the seed's RandomRotation(10)) adds in-between angles, with reflected borders instead of black
+    corners so that no artificial edge appears.
+    """
+    n = x.shape[0]
+    r = torch.rand(n, 4, generator=generator).to(x.device)
+    x = torch.where((r[:, 0] < 0.5).view(n, 1, 1, 1), x.flip(-1), x)
+    x = torch.where((r[:, 1] < 0.5).view(n, 1, 1, 1), x.flip(-2), x)
+    x = torch.where((r[:, 2] < 0.5).view(n, 1, 1, 1), x.transpose(-1, -2), x)  # with flips: all 8
+    if max_degrees > 0:
+        theta = (r[:, 3] * 2 - 1) * math.radians(max_degrees)
+        cos, sin, zero = theta.cos(), theta.sin(), torch.zeros_like(theta)
+        affine = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+        grid = F.affine_grid(affine.to(x.dtype), list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return x
+
+
+# ------------------------------------------------------------------------------------------------
+# Synthetic H&E-like data whose class evidence is a local structure at a random place
+
+SYNTHETIC_CLASSES = ("disk", "ring", "target", "dots", "checker", "plus", "cross", "frame", "grid")
+# Real PathMNIST per-class mean colours (measured on ../shared/data/pathmnist28_real_test718.npz):
+# each synthetic image takes one at random, independent of its label, so colour alone tells nothing.
+_REAL_MEANS = np.array([[.875, .793, .868], [.481, .309, .525], [.736, .407, .778],
+                        [.729, .543, .699], [.749, .598, .752], [.763, .472, .651],
+                        [.744, .533, .698], [.755, .513, .702], [.691, .457, .642]], np.float32)
+_HEMATOXYLIN = np.array([0.36, 0.20, 0.52], np.float32)  # dark purple of stained nuclei
+
+
+def _pattern(c: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Ink in [0,1] of class c's structure at local coordinates u,v in [-1,1]^2.
+
+    Every pattern is invariant to flips and 90-degree rotations, so augmentation keeps the label.
+    """
+    r = torch.sqrt(u * u + v * v)
+    au, av = u.abs(), v.abs()
+    if c == 0:
+        m = r < 0.55
+    elif c == 1:
+        m = (r - 0.7).abs() < 0.16
+    elif c == 2:
+        m = (r < 0.25) | ((r - 0.8) .abs() < 0.13)
+    elif c == 3:
+        m = (torch.cos(u * 1.5 * math.pi) * torch.cos(v * 1.5 * math.pi)) > 0.55
+    elif c == 4:
+        m = (torch.sin(u * 1.5 * math.pi + 1e-3) * torch.sin(v * 1.5 * math.pi + 1e-3)) > 0
+    elif c == 5:
+        m = (au < 0.22) | (av < 0.22)
+    elif c == 6:
+        m = ((u - v).abs() < 0.3) | ((u + v).abs() < 0.3)
+    elif c == 7:
+        m = torch.maximum(au, av) > 0.68
+    else:
+        m = ((au - 0.5).abs() < 0.14) | ((av - 0.5).abs() < 0.14)
+    return m.float()
+
+
+def make_synthetic(size: int = 28, seed: int = 0, counts: dict | None = None,
+                   splits: tuple[str, ...] = SPLITS) -> dict[str, np.ndarray]:
+    """Synthetic data in MedMNIST's npz layout, plus `{split}_masks` marking the evidence region.
+
+    Background: a pink/purple H&E-like texture (smooth stain variation and nucleus-like dots) whose
+    colour is drawn from the real class means independently of the label. Evidence: one of nine
+    structures drawn in hematoxylin at a random place covering ~40% of the side. The images of a
+    split depend only on (seed, split, size), so changing other splits' counts changes nothing.
+    """
+    counts = counts or {"train": 10000, "val": 2000, "test": 2000}
+    out = {}
+    for k, split in enumerate(splits):
+        g = torch.Generator().manual_seed(seed * 1000 + SPLITS.index(split) * 7 + size)
+        n = counts[split]
+        labels = torch.arange(n) % 9
+        labels = labels[torch.randperm(n, generator=g)]
+        images, masks = _synthesize(labels, size, g)
+        out[f"{split}_images"] = images.permute(0, 2, 3, 1).numpy()
+        out[f"{split}_labels"] = labels.numpy().astype(np.uint8)[:, None]
+        out[f"{split}_masks"] = masks.numpy()
+    return out
+
+
+def _synthesize(labels: torch.Tensor, size: int, g: torch.Generator):
+    n, s = len(labels), size
+    rand = lambda *shape: torch.rand(*shape, generator=g)
+    # Stain colour per image, from a random real class mean (not the image's label) with jitter.
+    base = torch.from_numpy(_REAL_MEANS)[torch.randint(0, 9, (n,), generator=g)]
+    base = (base + (rand(n, 3) - 0.5) * 0.08).view(n, 3, 1, 1)
+    # Smooth stain variation: low-resolution noise upsampled.
+    low = F.interpolate(rand(n, 1, 4, 4) - 0.5, size=(s, s), mode="bicubic", align_corners=False)
+    img = base * (1 + 0.25 * low)
+    # Nucleus-like dots everywhere, independent of the label: they make single dots uninformative.
+    dots = (rand(n, 1, s, s) < 0.02).float()
+    k = max(1, round(s / 28))
+    dots = F.max_pool2d(dots, 2 * k - 1, stride=1, padding=k - 1) if k > 1 else dots
+    hema = torch.from_numpy(_HEMATOXYLIN).view(1, 3, 1, 1)
+    img = img + dots * 0.6 * (hema - img)
+    # The evidence: a structure in a random box of side 38-50% of the image.
+    side = (0.38 + 0.12 * rand(n)) * s
+    x0 = rand(n) * (s - side)
+    y0 = rand(n) * (s - side)
+    coords = torch.arange(s, dtype=torch.float32) + 0.5
+    u = (coords.view(1, 1, s) - x0.view(n, 1, 1)) / side.view(n, 1, 1) * 2 - 1
+    v = (coords.view(1, s, 1) - y0.view(n, 1, 1)) / side.view(n, 1, 1) * 2 - 1
+    u, v = u.expand(n, s, s), v.expand(n, s, s)
+    inside = (u.abs() <= 1) & (v.abs() <= 1)
+    ink = torch.zeros(n, s, s)
+    for c in range(9):
+        sel = labels == c
+        ink[sel] = _pattern(c, u[sel], v[sel])
+    ink = ink * inside
+    strength = (0.55 + 0.3 * rand(n)).view(n, 1, 1, 1)
+    img = img + strength * ink.unsqueeze(1) * (hema - img)
+    img = img + 0.03 * torch.randn(n, 3, s, s, generator=g)
+    images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+    return images, inside

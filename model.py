@@ -1,0 +1,213 @@
+"""Networks, `build_model`, their Grad-CAM layers, checkpoints and run set-up.
+
+    from model import build_model, gradcam_layer, load_checkpoint
+    net = build_model("resnet50", in_channels=3, num_classes=9, size=28)
+    layer = gradcam_layer(net, "resnet50")               # layer4: 4x4 at 28, 7x7 at 224
+    net, cfg, ckpt = load_checkpoint("runs/latest/best.pt")
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import os
+import random
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torchvision
+
+MODELS = ("lightcnn", "resnet50")
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, damaged or does not fit; the message names the file and the remedy."""
+
+
+def _block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(inplace=True))
+
+
+class LightCNN(nn.Module):
+    """The first seed's network: [conv32, conv32, pool, conv64, conv64, pool], dropout 0.3, FC 256.
+
+    Two changes keep it light and make it work at every size: convolutions feeding BatchNorm carry
+    no bias (BatchNorm's shift makes it redundant), and an adaptive average pool to 7x7 before the
+    classifier, an identity at 28x28, keeps the classifier at 3136 inputs for 64-224 inputs too.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 9, dropout: float = 0.3):
+        super().__init__()
+        self.features = nn.Sequential(
+            _block(in_channels, 32), _block(32, 32), nn.MaxPool2d(2),
+            _block(32, 64), _block(64, 64),  # features[4]: the Grad-CAM layer, 14x14 at 28
+            nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(7))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Dropout(dropout), nn.Linear(64 * 7 * 7, 256), nn.ReLU(inplace=True),
+            nn.Dropout(dropout), nn.Linear(256, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def resnet50(in_channels: int = 3, num_classes: int = 9, size: int = 28,
+             pretrained: bool = False) -> nn.Module:
+    """torchvision's ResNet-50. Below 224 the stem is a 3x3 stride-1 conv without max-pool (as in
+    MedMNIST's experiments), so layer4 is 4x4 at 28 rather than 1x1 and Grad-CAM can localise."""
+    weights = None
+    if pretrained:
+        weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
+        try:
+            weights.get_state_dict(progress=True)
+        except Exception as e:  # no network: urllib raises several types
+            raise CheckpointError(
+                f"could not download ImageNet weights from {weights.url} ({e}); put "
+                f"{Path(weights.url).name} in {torch.hub.get_dir()}/checkpoints or drop --pretrained") from None
+    net = torchvision.models.resnet50(weights=weights)
+    if size < 224:
+        net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    elif in_channels != 3:
+        w = net.conv1.weight.detach().mean(1, keepdim=True).repeat(1, in_channels, 1, 1)
+        net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        net.conv1.weight.data.copy_(w)
+    net.fc = nn.Linear(net.fc.in_features, num_classes)
+    return net
+
+
+GRADCAM_LAYERS = {"lightcnn": "features.4", "resnet50": "layer4"}
+
+
+def build_model(name: str, in_channels: int = 3, num_classes: int = 9, size: int = 28,
+                pretrained: bool = False) -> nn.Module:
+    """A network by name, for inputs (N, in_channels, size, size)."""
+    if name == "lightcnn":
+        if pretrained:
+            raise CheckpointError("--pretrained exists for resnet50 only")
+        return LightCNN(in_channels, num_classes)
+    if name == "resnet50":
+        return resnet50(in_channels, num_classes, size, pretrained)
+    raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
+
+
+def gradcam_layer(model: nn.Module, name: str) -> nn.Module:
+    """The layer Grad-CAM should use: the last convolutional block of `model`."""
+    return model.get_submodule(GRADCAM_LAYERS[name])
+
+
+def count_flops(model: nn.Module, shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass through conv and linear layers."""
+    macs = 0
+
+    def hook(mod, inp, out):
+        nonlocal macs
+        if isinstance(mod, nn.Conv2d):
+            macs += out.numel() // out.shape[0] * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+        elif isinstance(mod, nn.Linear):
+            macs += mod.in_features * mod.out_features
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *shape))
+    finally:
+        for h in handles:
+            h.remove()
+    return macs
+
+
+# ------------------------------------------------------------------------------------------------
+# Run set-up: config from the command line, seeding, device
+
+def parse_config(cls, argv: list[str] | None = None, description: str | None = None):
+    """Build argparse from a dataclass: one --flag per field, its comment (metadata help) and
+    default in --help, `choices` from metadata; unknown flags are errors."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        extra = {k: f.metadata[k] for k in ("choices", "type") if k in f.metadata}
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                           help=f.metadata.get("help", ""))
+        else:
+            p.add_argument(flag, type=extra.pop("type", kind), default=f.default,
+                           help=f.metadata.get("help", ""), **extra)
+    args = p.parse_args(argv)
+    cfg = cls(**vars(args))
+    problem = cfg.check() if hasattr(cfg, "check") else None
+    if problem:
+        p.error(problem)
+    return cfg
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: plain types only, so torch.load(..., weights_only=True) reads them
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """Write atomically: a crash mid-write never leaves a half-written checkpoint behind."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint with weights_only=True (an untrusted pickle is never executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; train one with train.py or pass --checkpoint PATH")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0][:200]
+        raise CheckpointError(f"{path}: not a readable checkpoint of this project ({msg}); it is truncated, "
+                              f"corrupt or not ours: use another file or retrain") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no model/config entries); "
+                              f"pass a best.pt or last.pt written by train.py")
+    return ckpt
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Rebuild the model a checkpoint was trained as, from the config inside it alone.
+
+    Returns (model in eval mode on `device`, config dict, the checkpoint dict).
+    """
+    ckpt = read_checkpoint(path)
+    cfg = ckpt["config"]
+    arch = ckpt.get("arch", {})
+    model = build_model(cfg["model"], arch.get("in_channels", 3), arch.get("num_classes", 9), cfg["size"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        first = str(e).splitlines()[0][:160]
+        raise CheckpointError(f"{path}: weights do not fit a {cfg['model']} at size {cfg['size']} ({first}); "
+                              f"the checkpoint is from another model, or damaged") from None
+    return model.to(device).eval(), cfg, ckpt
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
