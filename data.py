@@ -10,11 +10,13 @@ PIL image per sample. Augmentation works on whole batches, on the device the mod
 from __future__ import annotations
 
 import hashlib
+import http.client
 import math
 import os
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,7 +106,7 @@ def download(flag: str, size: int, data_dir: str | os.PathLike) -> Path:
             while block := r.read(1 << 20):
                 f.write(block)
                 bar.update(len(block))
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # offline, dropped, disk
         part.unlink(missing_ok=True)
         raise DataError(
             f"{path} not found and downloading {url} failed ({getattr(e, 'reason', e)}); download it "
@@ -160,10 +162,12 @@ def load_data(dataset: str = "pathmnist", size: int = 28, data_dir: str | os.Pat
 def _read_npz(path: Path, splits) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as f:
+            if not isinstance(f, np.lib.npyio.NpzFile):
+                raise ValueError("a single .npy array, not an .npz archive")
             keys = set(f.files)
             wanted = [f"{s}_{k}" for s in splits for k in ("images", "labels", "masks")]
             return {k: f[k] for k in wanted if k in keys} | {"_keys": np.array(sorted(keys))}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile, zlib.error, EOFError) as e:
         raise DataError(f"{path}: not a readable .npz file ({e}); the file is truncated or corrupt, "
                         f"delete it and download it again") from None
 
@@ -274,7 +278,8 @@ _HEMATOXYLIN = np.array([0.36, 0.20, 0.52], np.float32)  # dark purple of staine
 def _pattern(c: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Ink in [0,1] of class c's structure at local coordinates u,v in [-1,1]^2.
 
-    Every pattern is invariant to flips and 90-degree rotations, so augmentation keeps the label.
+    Flips and 90-degree rotations map every pattern onto itself (the checkerboard onto its
+    inverse, still a checkerboard), so augmentation keeps the label.
     """
     r = torch.sqrt(u * u + v * v)
     au, av = u.abs(), v.abs()

@@ -178,7 +178,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0][:200]
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise CheckpointError(f"{path}: not a readable checkpoint of this project ({msg}); it is truncated, "
                               f"corrupt or not ours: use another file or retrain") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
@@ -193,9 +193,12 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     Returns (model in eval mode on `device`, config dict, the checkpoint dict).
     """
     ckpt = read_checkpoint(path)
-    cfg = ckpt["config"]
-    arch = ckpt.get("arch", {})
-    model = build_model(cfg["model"], arch.get("in_channels", 3), arch.get("num_classes", 9), cfg["size"])
+    cfg, arch = ckpt["config"], ckpt.get("arch", {})
+    try:
+        model = build_model(cfg["model"], arch.get("in_channels", 3), arch.get("num_classes", 9), cfg["size"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: its config does not describe a model of this project ({e!r}); "
+                              f"pass a checkpoint written by train.py") from None
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

@@ -1,0 +1,429 @@
+"""Tests for db.py: round trips, keys that must not collide, filters against numpy, bad files."""
+import contextlib
+import hashlib
+import multiprocessing
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from db import APPLICATION_ID, SCHEMA_VERSION, DatabaseError, ExplanationDB
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sha(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def file_hash(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def raw_sql(path, sql: str) -> list:
+    """Run one statement on a plain sqlite3 connection, as another tool would, and close it."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def count(path, table: str = "attributions") -> int:
+    return raw_sql(path, f"SELECT count(*) FROM {table}")[0][0]
+
+
+def f16(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float16).astype(np.float32)
+
+
+@pytest.fixture
+def db(tmp_path):
+    with ExplanationDB(tmp_path / "x.db") as d:
+        yield d
+
+
+def test_float32_round_trip_is_bit_exact(db):
+    m, s = db.add_model(sha("a"), "tiny", {"width": 8}), db.add_setting("ig", {"steps": 16})
+    ids = db.add_samples("synthetic-seed0", 8, "test", [5, 2, 7], [0, 1, 2])
+    rng = np.random.default_rng(0)
+    maps = rng.standard_normal((3, 3, 4, 4)).astype(np.float32)
+    maps[0, 0, 0, :3] = [-0.0, 1e-45, np.finfo(np.float32).max]  # signed zero, subnormal, extreme
+    raw = rng.standard_normal((3, 1, 2, 2)).astype(np.float32)
+    assert db.add_attributions(m, s, ids, [0, 1, 2], [0, 2, 2], [0.9, 0.6, 0.3], maps,
+                               deltas=[0.1, np.nan, -0.2], raw_maps=raw, dtype="float32") == 3
+    out = db.maps()
+    order = [1, 0, 2]  # rows come back sorted by image index: 2, 5, 7
+    assert out["maps"].dtype == np.float32
+    assert np.array_equal(out["maps"].view(np.uint32), maps[order].view(np.uint32))
+    assert np.array_equal(out["raw"].view(np.uint32), raw[order].view(np.uint32))
+    assert out["index"].tolist() == [2, 5, 7] and out["label"].tolist() == [1, 0, 2]
+    assert out["target"].tolist() == [1, 0, 2] and out["predicted"].tolist() == [2, 0, 2]
+    assert out["confidence"].tolist() == [0.6, 0.9, 0.3]
+    assert np.isnan(out["delta"][0]) and out["delta"][1:].tolist() == [0.1, -0.2]
+    assert out["method"].tolist() == ["ig"] * 3 and out["dataset"].dtype.kind == "U"
+
+
+def test_float16_is_the_default_and_compact(db):
+    m, s = db.add_model(sha("a"), "tiny", {}), db.add_setting("gradcam", {"layer": "layer4"})
+    ids = db.add_samples("pathmnist", 28, "val", [0, 1], [3, 4])
+    rng = np.random.default_rng(1)
+    maps = (rng.standard_normal((2, 1, 28, 28)) * 1e-3).astype(np.float32)  # IG-sized values
+    raw = rng.random((2, 1, 7, 7))  # float64 input is cast too
+    db.add_attributions(m, s, ids, [3, 4], [3, 4], [0.5, 0.5], maps, raw_maps=raw)
+    out = db.maps()
+    assert np.array_equal(out["maps"], f16(maps)) and np.array_equal(out["raw"], f16(raw))
+    assert np.isnan(out["delta"]).all()
+    rows = raw_sql(db.path, "SELECT dtype, shape, length(map), raw_shape, length(raw) FROM attributions")
+    assert rows == [("float16", "1,28,28", 2 * 28 * 28, "1,7,7", 2 * 7 * 7)] * 2
+
+
+def test_float16_overflow_is_refused_with_a_remedy(db):
+    m, s = db.add_model(sha("a"), "tiny", {}), db.add_setting("ig", {})
+    ids = db.add_samples("d", 8, "test", [0], [0])
+    big = np.full((1, 2, 2), 1e5, np.float32)  # finite in float32, inf in float16
+    with pytest.raises(ValueError, match="float32"):
+        db.add_attributions(m, s, ids, [0], [0], [1.0], big)
+    db.add_attributions(m, s, ids, [0], [0], [1.0], big, dtype="float32")
+    assert db.maps()["maps"].tolist() == big.tolist()
+
+
+def test_models_methods_and_params_do_not_collide(db):
+    models = [db.add_model(sha("a"), "a", {"lr": 0.1}), db.add_model(sha("b"), "b", {"lr": 0.1})]
+    settings = [db.add_setting("ig", {"steps": 32, "baseline": "zeros"}),
+                db.add_setting("ig", {"steps": 64, "baseline": "zeros"}), db.add_setting("gradcam", {})]
+    assert len(set(models)) == 2 and len(set(settings)) == 3
+    # Idempotent: the same checkpoint hash, the same params in another key order.
+    assert db.add_model(sha("a").upper(), "renamed", {}) == models[0]
+    assert db.add_setting("ig", {"baseline": "zeros", "steps": 32}) == settings[0]
+    (sid,) = db.add_samples("pathmnist", 28, "test", [11], [5])
+    for i, m in enumerate(models):
+        for j, s in enumerate(settings):
+            db.add_attributions(m, s, [sid], [5], [5], [0.5], np.full((1, 2, 2), 10 * i + j))
+    assert count(db.path) == 6
+    for i, m in enumerate(models):
+        for j, s in enumerate(settings):
+            out = db.maps(model_id=m, setting_id=s)
+            assert out["maps"].shape == (1, 2, 2) and (out["maps"] == 10 * i + j).all()
+    assert len(db.maps(method="ig")["index"]) == 4
+
+
+def test_rerun_replaces_rows_and_keeps_ids(db):
+    m, s = db.add_model(sha("a"), "tiny", {}), db.add_setting("ig", {})
+    ids = db.add_samples("d", 8, "test", range(4), [0, 1, 0, 1])
+    db.add_attributions(m, s, ids, [0, 1, 0, 1], [0] * 4, [0.1] * 4, np.zeros((4, 2, 2)), deltas=[1.0] * 4)
+    before = db.maps()["attribution_id"]
+    db.add_attributions(m, s, ids[:2], [0, 1], [1, 1], [0.7, 0.8], np.ones((2, 2, 2)))
+    out = db.maps()
+    assert count(db.path) == 4 and np.array_equal(out["attribution_id"], before)
+    assert (out["maps"][:2] == 1).all() and (out["maps"][2:] == 0).all()
+    assert out["predicted"].tolist() == [1, 1, 0, 0] and out["confidence"].tolist() == [0.7, 0.8, 0.1, 0.1]
+    assert np.isnan(out["delta"][:2]).all() and out["delta"][2:].tolist() == [1.0, 1.0]
+
+
+def test_done_targets_returns_exactly_what_is_stored(db):
+    m, s, other = db.add_model(sha("a"), "tiny", {}), db.add_setting("ig", {}), db.add_setting("gradcam", {})
+    a, b, c = db.add_samples("d", 8, "test", [0, 1, 2], [0, 0, 0]).tolist()
+    db.add_attributions(m, s, [a, a, b], [1, 3, 2], [0, 0, 0], [0.5] * 3, np.zeros((3, 2, 2)))
+    db.add_attributions(m, other, [c], [0], [0], [0.5], np.zeros((1, 2, 2)))
+    assert db.done_targets(m, s, [a, b, c]) == {(a, 1), (a, 3), (b, 2)}
+    assert db.done_targets(m, s, np.array([b])) == {(b, 2)}
+    assert db.done_targets(m, other, [a, b, c]) == {(c, 0)}
+    assert db.done_targets(m, s, []) == set()
+
+
+def test_add_samples_ids_follow_input_order_and_labels_are_checked(db):
+    ids = db.add_samples("pathmnist", 28, "test", [7, 3, 9], [1, 2, 3])
+    assert ids.dtype == np.int64 and len(set(ids.tolist())) == 3
+    assert db.add_samples("pathmnist", 28, "test", [9, 7], [3, 1]).tolist() == [ids[2], ids[0]]
+    assert not set(db.add_samples("pathmnist", 28, "val", [7], [1]).tolist()) & set(ids.tolist())
+    with pytest.raises(ValueError, match=r"pathmnist/28/test index 3 has label 5"):
+        db.add_samples("pathmnist", 28, "test", [100, 3], [0, 5])
+    assert count(db.path, "samples") == 4  # index 100 of the failed batch was not kept
+    with pytest.raises(ValueError, match="integers"):
+        db.add_samples("pathmnist", 28, "test", [1.5], [0])
+
+
+@pytest.fixture
+def populated(db):
+    """40 images with an IG map each and Grad-CAM maps for two targets each, plus numpy references."""
+    rng = np.random.default_rng(2)
+    n = 40
+    ref = {"index": rng.permutation(np.arange(0, 2 * n, 2)), "label": rng.integers(0, 4, n),
+           "predicted": rng.integers(0, 4, n), "confidence": rng.random(n), "delta": rng.standard_normal(n),
+           "ig": rng.standard_normal((n, 3, 6, 6)).astype(np.float32),
+           "cam": rng.random((n, 2, 1, 6, 6)), "raw": rng.random((n, 2, 1, 2, 2))}
+    m = db.add_model(sha("a"), "tiny", {})
+    ig, cam = db.add_setting("ig", {"steps": 8}), db.add_setting("gradcam", {})
+    ids = db.add_samples("synthetic-seed0", 8, "test", ref["index"], ref["label"])
+    db.add_attributions(m, ig, ids, ref["predicted"], ref["predicted"], ref["confidence"], ref["ig"],
+                        deltas=ref["delta"])
+    for t in range(2):  # Grad-CAM for target (predicted + t) % 4
+        db.add_attributions(m, cam, ids, (ref["predicted"] + t) % 4, ref["predicted"], ref["confidence"],
+                            ref["cam"][:, t], raw_maps=ref["raw"][:, t])
+    return db, ref
+
+
+@pytest.mark.parametrize("filters", [{"label": 2}, {"errors_only": True}, {"predicted": 1},
+                                     {"indices": [3, 50, 78, 99]}, {"label": 0, "errors_only": True}])
+def test_filters_match_numpy(populated, filters):
+    db, ref = populated
+    mask = np.ones(len(ref["index"]), bool)
+    if "label" in filters:
+        mask &= ref["label"] == filters["label"]
+    if "predicted" in filters:
+        mask &= ref["predicted"] == filters["predicted"]
+    if "indices" in filters:
+        mask &= np.isin(ref["index"], filters["indices"])
+    if filters.get("errors_only"):
+        mask &= ref["predicted"] != ref["label"]
+    images = np.flatnonzero(mask)[np.argsort(ref["index"][mask])]
+    assert len(images) > 0
+    out = db.maps(method="ig", **filters)
+    assert out["index"].tolist() == ref["index"][images].tolist()
+    assert np.array_equal(out["maps"], f16(ref["ig"][images])) and out["raw"] is None
+    assert out["delta"].tolist() == ref["delta"][images].tolist()
+    # Grad-CAM rows: (image, t) with target (predicted + t) % 4, sorted by index then target.
+    rows = [(i, t, (ref["predicted"][i] + t) % 4) for i in images for t in range(2)]
+    rows.sort(key=lambda r: (ref["index"][r[0]], r[2]))
+    cam = db.maps(method="gradcam", **filters)
+    assert cam["target"].tolist() == [target for _, _, target in rows]
+    assert np.array_equal(cam["maps"], f16(np.stack([ref["cam"][i, t] for i, t, _ in rows])))
+    assert np.array_equal(cam["raw"], f16(np.stack([ref["raw"][i, t] for i, t, _ in rows])))
+    cam2 = db.maps(method="gradcam", target=2, **filters)
+    assert cam2["index"].tolist() == [ref["index"][i] for i, _, target in rows if target == 2]
+
+
+def test_maps_refuses_mixed_shapes_and_handles_empty_and_limit(populated):
+    db, _ = populated
+    with pytest.raises(ValueError, match="different shapes.*method="):
+        db.maps()
+    empty = db.maps(method="occlusion")
+    assert empty["maps"].shape == (0,) and empty["raw"] is None and empty["index"].shape == (0,)
+    full, first = db.maps(method="gradcam"), db.maps(method="gradcam", limit=5)
+    assert np.array_equal(first["attribution_id"], full["attribution_id"][:5])
+    assert np.array_equal(first["maps"], full["maps"][:5])
+    with pytest.raises(TypeError, match="unknown filter"):
+        db.top_errors(methd="ig")
+
+
+def test_top_errors_are_the_most_confident_wrong_predictions(populated):
+    db, ref = populated
+    wrong = np.flatnonzero(ref["predicted"] != ref["label"])
+    expected = wrong[np.argsort(-ref["confidence"][wrong])][:5]
+    out = db.top_errors(k=5, method="ig")
+    assert out["index"].tolist() == ref["index"][expected].tolist()
+    assert out["confidence"].tolist() == ref["confidence"][expected].tolist()
+    assert (out["predicted"] != out["label"]).all()
+    assert np.array_equal(out["maps"], f16(ref["ig"][expected]))
+
+
+def test_export_npz_round_trip(populated, tmp_path):
+    db, _ = populated
+    for method in ("ig", "gradcam"):
+        path = tmp_path / f"{method}.npz"
+        n = db.export_npz(path, method=method, errors_only=True)
+        expected = db.maps(method=method, errors_only=True)
+        with np.load(path, allow_pickle=False) as z:
+            assert set(z.files) == set(expected) - ({"raw"} if expected["raw"] is None else set())
+            for key in z.files:
+                np.testing.assert_array_equal(z[key], expected[key])
+            assert z["method"].dtype.kind == "U" and len(z["index"]) == n > 0
+    # The temporary files were renamed away, none left behind.
+    assert sorted(p.name for p in tmp_path.iterdir() if "npz" in p.name) == ["gradcam.npz", "ig.npz"]
+
+
+def test_summary_counts_match_numpy(populated):
+    db, ref = populated
+    rows = {r["method"]: r for r in db.summary()}
+    n_errors = int((ref["predicted"] != ref["label"]).sum())
+    assert rows["ig"]["n_maps"] == 40 and rows["ig"]["n_errors"] == n_errors
+    assert rows["ig"]["mean_abs_delta"] == pytest.approx(np.abs(ref["delta"]).mean())
+    assert rows["gradcam"]["n_maps"] == 80 and rows["gradcam"]["n_errors"] == 2 * n_errors
+    assert np.isnan(rows["gradcam"]["mean_abs_delta"])
+    assert rows["ig"]["sha256"] == sha("a")[:12] and rows["ig"]["params"] == '{"steps":8}'
+
+
+BAD_BATCHES = {  # case -> what to change in a valid batch, given its three sample ids
+    "short targets": lambda ids: dict(targets=[0, 1]),
+    "maps of another length": lambda ids: dict(maps=np.zeros((2, 2, 2))),
+    "NaN in the last map": lambda ids: dict(maps=np.concatenate([np.ones((2, 2, 2)),
+                                                                 np.full((1, 2, 2), np.nan)])),
+    "inf in a raw map": lambda ids: dict(raw_maps=np.full((3, 1, 1), np.inf)),
+    "NaN confidence": lambda ids: dict(confidence=[0.5, np.nan, 0.5]),
+    "short deltas": lambda ids: dict(deltas=[0.1]),
+    "float64 storage": lambda ids: dict(dtype="float64"),
+    "duplicate key": lambda ids: dict(sample_ids=[ids[0], ids[1], ids[0]]),
+    "unknown last sample id (fails inside the transaction)":
+        lambda ids: dict(sample_ids=[ids[0], ids[1], ids.max() + 1]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_BATCHES)
+def test_bad_batch_raises_and_stores_nothing(db, case):
+    m, s = db.add_model(sha("a"), "tiny", {}), db.add_setting("ig", {})
+    ids = db.add_samples("d", 8, "test", [0, 1, 2], [0, 0, 0])
+    db.add_attributions(m, s, ids[:2], [0, 0], [0, 0], [0.9, 0.9], np.zeros((2, 2, 2)))
+    before = db.maps()
+    # The batch overwrites the two stored rows and adds a third: none of it may land.
+    batch = dict(sample_ids=ids, targets=[0, 0, 0], predicted=[1, 1, 1], confidence=[0.5] * 3,
+                 maps=np.ones((3, 2, 2)), raw_maps=None, dtype="float16")
+    batch.update(BAD_BATCHES[case](ids))
+    with pytest.raises(ValueError):
+        db.add_attributions(m, s, **batch)
+    after = db.maps()
+    assert count(db.path) == 2 and after["raw"] is None
+    for key in set(before) - {"raw"}:
+        np.testing.assert_array_equal(after[key], before[key])
+
+
+def make_bad_file(path: Path, kind: str, tmp_path: Path) -> None:
+    if kind == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(8192))
+    elif kind.startswith("truncated"):
+        real = tmp_path / "real.db"
+        with ExplanationDB(real) as d:
+            ids = d.add_samples("d", 8, "test", range(50), [0] * 50)
+            d.add_attributions(d.add_model(sha("a"), "a", {}), d.add_setting("ig", {}), ids, [0] * 50,
+                               [0] * 50, [0.5] * 50, np.ones((50, 3, 8, 8)))
+        size = 1000 if kind == "truncated to 1000 bytes" else 2 * 4096
+        assert real.stat().st_size > size
+        path.write_bytes(real.read_bytes()[:size])
+    elif kind == "foreign tables":
+        raw_sql(path, "CREATE TABLE notes(x)")
+    elif kind == "foreign application_id":
+        raw_sql(path, "PRAGMA application_id = 42")
+    elif kind == "newer schema":
+        ExplanationDB(path).close()
+        raw_sql(path, f"PRAGMA user_version = {SCHEMA_VERSION + 2}")
+
+
+@pytest.mark.parametrize("kind", ["random bytes", "truncated to 1000 bytes", "truncated to two pages",
+                                  "foreign tables", "foreign application_id", "newer schema"])
+def test_foreign_damaged_or_newer_files_are_refused_untouched(tmp_path, kind):
+    path = tmp_path / "victim.db"
+    make_bad_file(path, kind, tmp_path)
+    digest = file_hash(path)
+    with pytest.raises(DatabaseError) as err:
+        ExplanationDB(path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}: ") and "--db" in message
+    expected = f"schema version {SCHEMA_VERSION + 2} is newer" if kind == "newer schema" else "not an explanations"
+    assert expected in message
+    assert file_hash(path) == digest
+
+
+def test_empty_file_is_initialised_and_reopened(tmp_path):
+    path = tmp_path / "x.db"
+    path.touch()
+    with ExplanationDB(path) as d:
+        d.add_setting("ig", {})
+    with ExplanationDB(path) as d:  # reopening neither migrates again nor loses data
+        assert d.add_setting("ig", {}) == 1
+    assert raw_sql(path, "PRAGMA application_id") == [(APPLICATION_ID,)]
+    assert raw_sql(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert raw_sql(path, "PRAGMA journal_mode") == [("wal",)]
+
+
+def test_locked_database_raises_after_the_timeout(tmp_path):
+    path = tmp_path / "x.db"
+    with ExplanationDB(path, timeout=0.2) as early:
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # as another process in the middle of a write
+        digest = file_hash(path)
+        start = time.monotonic()
+        with pytest.raises(DatabaseError, match="locked by another process.*raise the timeout"):
+            ExplanationDB(path, timeout=0.2)
+        with pytest.raises(DatabaseError, match="locked by another process"):
+            early.add_samples("d", 8, "test", [0], [0])
+        assert time.monotonic() - start < 5 and file_hash(path) == digest
+        holder.execute("ROLLBACK")
+        holder.close()
+        assert early.add_samples("d", 8, "test", [0], [0]).tolist() == [1]
+
+
+CHILD = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import db
+if os.geteuid() == 0:
+    try:
+        os.setuid(65534)  # drop root for real: from here on file permissions apply
+    except OSError:
+        print("cannot drop root")
+        sys.exit(0)
+for path in sys.argv[2:]:
+    try:
+        db.ExplanationDB(path).close()
+        print("opened")
+    except db.DatabaseError as e:
+        print(e)
+"""
+
+
+def test_read_only_file_or_directory():
+    # Root ignores chmod, so the opening runs in a child that gives up root first. pytest's
+    # tmp_path is private to root; the child needs a directory it can reach.
+    base = Path(tempfile.mkdtemp())
+    ro_dir, rw_dir = base / "ro", base / "rw"
+    try:
+        base.chmod(0o755)
+        for d in (ro_dir, rw_dir):
+            d.mkdir()
+            with ExplanationDB(d / "x.db") as x:
+                x.add_setting("ig", {})
+            (d / "x.db").chmod(0o444)
+        ro_dir.chmod(0o555)
+        rw_dir.chmod(0o777)
+        paths = [ro_dir / "x.db", ro_dir / "new.db", rw_dir / "x.db"]
+        digests = [file_hash(paths[0]), file_hash(paths[2])]
+        run = subprocess.run([sys.executable, "-c", CHILD, str(REPO), *map(str, paths)],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        if run.stdout.startswith("cannot drop root"):
+            pytest.skip("running as root without CAP_SETUID: no honest way to make a file unwritable")
+        lines = run.stdout.splitlines()
+        assert len(lines) == 3
+        for line, path in zip(lines, paths):
+            assert line.startswith(f"{path}: ") and "permissions" in line, line
+        assert [file_hash(paths[0]), file_hash(paths[2])] == digests
+        assert not paths[1].exists()
+    finally:
+        for d in (ro_dir, rw_dir):
+            if d.exists():
+                d.chmod(0o755)
+        shutil.rmtree(base)
+
+
+def write_range(path: str, lo: int, hi: int) -> None:
+    """Worker for the two-process test; maps depend only on index and target, so either writer is right."""
+    with ExplanationDB(path) as d:
+        m, s = d.add_model(sha("a"), "tiny", {}), d.add_setting("ig", {"steps": 4})
+        for start in range(lo, hi, 5):
+            idx = np.arange(start, min(start + 5, hi))
+            ids = d.add_samples("synthetic-seed0", 8, "test", idx, idx % 9)
+            for target in (0, 1):
+                maps = np.broadcast_to((idx + target / 10)[:, None, None], (len(idx), 4, 4))
+                d.add_attributions(m, s, ids, np.full(len(idx), target), idx % 9, idx / 1000, maps,
+                                   dtype="float32")
+
+
+def test_two_processes_write_overlapping_batches(tmp_path):
+    path = str(tmp_path / "shared.db")  # neither process finds a file: creating it races too
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=write_range, args=(path, 0, 120)),
+             ctx.Process(target=write_range, args=(path, 60, 180))]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    with ExplanationDB(path) as d:
+        out = d.maps()
+    assert count(path) == 180 * 2 and count(path, "samples") == 180
+    keys = sorted(zip(out["index"].tolist(), out["target"].tolist()))
+    assert keys == [(i, t) for i in range(180) for t in (0, 1)]
+    assert np.array_equal(out["maps"][:, 0, 0], (out["index"] + out["target"] / 10).astype(np.float32))
