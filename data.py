@@ -165,8 +165,12 @@ def _read_npz(path: Path, splits) -> dict[str, np.ndarray]:
             if not isinstance(f, np.lib.npyio.NpzFile):
                 raise ValueError("a single .npy array, not an .npz archive")
             keys = set(f.files)
+            # A plain `images`/`labels` file (like the real tiles in ../shared/data) is one test split.
+            alias = {f"test_{k}": k for k in ("images", "labels", "masks")
+                     if k in keys and not any(key.endswith("_images") for key in keys)}
             wanted = [f"{s}_{k}" for s in splits for k in ("images", "labels", "masks")]
-            return {k: f[k] for k in wanted if k in keys} | {"_keys": np.array(sorted(keys))}
+            return ({k: f[alias.get(k, k)] for k in wanted if alias.get(k, k) in keys}
+                    | {"_keys": np.array(sorted(keys))})
     except (OSError, ValueError, TypeError, zipfile.BadZipFile, zlib.error, EOFError) as e:
         raise DataError(f"{path}: not a readable .npz file ({e}); the file is truncated or corrupt, "
                         f"delete it and download it again") from None

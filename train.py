@@ -66,6 +66,10 @@ class TrainConfig:
         return None
 
 
+# Flags that --resume takes from the command line rather than from the run's config.
+RESUME_OVERRIDES = ("epochs", "lr", "patience", "amp", "device", "eval_batch_size")
+
+
 def train_one_epoch(model, split, optimizer, scaler, autocast, generator, cfg, device, desc) -> dict:
     """One pass over the training split in a random order; returns loss, accuracy and speed."""
     model.train()
@@ -74,7 +78,7 @@ def train_one_epoch(model, split, optimizer, scaler, autocast, generator, cfg, d
     correct = torch.zeros((), device=device)
     seen, t0 = 0, time.perf_counter()
     for idx in tqdm(batches(len(split), cfg.batch_size, True, generator), desc=desc, leave=False, disable=None):
-        if len(idx) < 2:  # BatchNorm cannot train on a single image
+        if len(idx) < 2:  # a one-image batch would make BatchNorm's batch statistics pure noise
             continue
         idx = idx.to(device)
         x = normalize(split.images[idx])
@@ -135,11 +139,12 @@ def main(argv: list[str] | None = None) -> Path:
     resume_ckpt = None
     if cfg.resume:
         resume_ckpt = read_checkpoint(Path(cfg.resume) / "last.pt")
-        cfg = TrainConfig(**{**resume_ckpt["config"], "epochs": cfg.epochs, "device": cfg.device,
-                             "resume": cfg.resume, "out": cfg.resume})
+        # The run's own config, except the knobs that may change mid-run when given on the command line.
+        given = {k: getattr(cfg, k) for k in RESUME_OVERRIDES if getattr(cfg, k) != getattr(TrainConfig(), k)}
+        cfg = TrainConfig(**{**resume_ckpt["config"], **given, "resume": cfg.resume, "out": cfg.resume})
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    run_dir = Path(cfg.out or f"runs/{cfg.dataset}-{cfg.model}-{cfg.size}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(cfg.out or _new_run_dir(f"runs/{cfg.dataset}-{cfg.model}-{cfg.size}-{time.strftime('%Y%m%d-%H%M%S')}"))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     _point_latest(run_dir)
@@ -169,6 +174,8 @@ def main(argv: list[str] | None = None) -> Path:
         model.load_state_dict(resume_ckpt["model"])
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         scheduler.load_state_dict(resume_ckpt["scheduler"])
+        for group in optimizer.param_groups:  # a --lr given on resume wins over the saved one
+            group["lr"] = cfg.lr if "lr" in given else group["lr"]
         torch.set_rng_state(resume_ckpt["rng"]["torch"])
         generator.set_state(resume_ckpt["rng"]["data"])
         start, best, stale = resume_ckpt["epoch"] + 1, resume_ckpt["best_metric"], resume_ckpt["stale_epochs"]
@@ -183,8 +190,9 @@ def main(argv: list[str] | None = None) -> Path:
                              f"epoch {epoch}/{cfg.epochs}")
         va = validate(model, val, data, cfg, device)
         scheduler.step(va["loss"])
-        improved = va[cfg.monitor] > best
-        best, stale = (va[cfg.monitor], 0) if improved else (best, stale + 1)
+        score = va[cfg.monitor] if math.isfinite(va[cfg.monitor]) else -math.inf  # AUC is NaN if a class is absent
+        improved = score > best or not (run_dir / "best.pt").exists()
+        best, stale = (score, 0) if improved else (best, stale + 1)
         rows.append({"epoch": epoch, **{f"train_{k}": v for k, v in tr.items() if k in ("loss", "acc")},
                      **{f"val_{k}": v for k, v in va.items()}, "lr": optimizer.param_groups[0]["lr"],
                      "seconds": tr["seconds"], "images_per_s": tr["images_per_s"]})
@@ -204,8 +212,18 @@ def main(argv: list[str] | None = None) -> Path:
                 f"{cfg.model} on {data.source}")
     # The one look at the test split: the checkpoint selected on validation.
     print(f"best checkpoint (val {cfg.monitor} {best:.4f}) on the test split:")
-    evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--device", str(device)])
+    evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--device", str(device),
+                   "--batch-size", str(cfg.eval_batch_size)])
     return run_dir
+
+
+def _new_run_dir(name: str) -> Path:
+    """A run folder no other run uses, even one started in the same second."""
+    path, n = Path(name), 1
+    while path.exists():
+        n += 1
+        path = Path(f"{name}-{n}")
+    return path
 
 
 def _point_latest(run_dir: Path) -> None:
