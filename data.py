@@ -226,6 +226,30 @@ def save_npz(path: str | os.PathLike, data: Data) -> None:
     np.savez_compressed(path, **arrays)
 
 
+def split_npz(src: str | os.PathLike, out: str | os.PathLike, flag: str = "pathmnist", size: int = 28,
+              fractions: tuple[float, float] = (0.15, 0.15), seed: int = 0) -> dict[str, int]:
+    """Split the one split of a file (e.g. a real test subset) into train/val/test, per class.
+
+    For experiments on the few real images at hand: a model trained this way is trained on a few
+    hundred images, and its numbers must be reported as such.
+    """
+    data = load_data(flag, size, src, ("test",))
+    sp = data.splits["test"]
+    g = torch.Generator().manual_seed(seed)
+    parts: dict[str, list[torch.Tensor]] = {"train": [], "val": [], "test": []}
+    for c in range(data.num_classes):
+        idx = torch.nonzero(sp.labels == c)[:, 0]
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_val, n_test = (round(f * len(idx)) for f in fractions)
+        parts["val"].append(idx[:n_val])
+        parts["test"].append(idx[n_val:n_val + n_test])
+        parts["train"].append(idx[n_val + n_test:])
+    splits = {k: Split(sp.images[torch.cat(v).sort().values], sp.labels[torch.cat(v).sort().values])
+              for k, v in parts.items()}
+    save_npz(out, Data(data.flag, size, data.task, data.class_names, data.n_channels, str(src), splits))
+    return {k: len(v) for k, v in splits.items()}
+
+
 # ------------------------------------------------------------------------------------------------
 # Normalisation and batch augmentation
 
@@ -365,3 +389,16 @@ def _synthesize(labels: torch.Tensor, size: int, g: torch.Generator):
     img = img + 0.03 * torch.randn(n, 3, s, s, generator=g)
     images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
     return images, inside
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="Split a one-split .npz (e.g. the real test subset) into "
+                                            "train/val/test per class, for experiments on real images.")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--dataset", default="pathmnist")
+    p.add_argument("--size", type=int, default=28)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    print(split_npz(a.src, a.out, a.dataset, a.size, seed=a.seed))
