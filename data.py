@@ -159,6 +159,23 @@ def load_data(dataset: str = "pathmnist", size: int = 28, data_dir: str | os.Pat
                           info["n_channels"], size, task, n_labels))
 
 
+def parse_split_sizes(text: str) -> tuple[int, int, int] | None:
+    """'96,48,48' -> (96, 48, 48); None unless it is three positive integers."""
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        return None
+    return sizes if len(sizes) == 3 and min(sizes) >= 1 else None
+
+
+def data_for_run(cfg: dict, splits: tuple[str, ...], data_dir: str = "") -> Data:
+    """The data a training config (a checkpoint's "config") describes, from `data_dir` if given:
+    evaluate.py and explain.py rebuild the very same synthetic images from the seed and sizes."""
+    sizes = parse_split_sizes(cfg.get("synthetic_sizes", "10000,2000,2000")) or (10000, 2000, 2000)
+    return load_data(cfg["dataset"], cfg["size"], data_dir or cfg["data_dir"], splits,
+                     seed=cfg.get("seed", 0), synthetic_sizes=sizes)
+
+
 def _read_npz(path: Path, splits) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as f:

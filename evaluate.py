@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from data import DataError, load_data, medmnist_info, normalize
+from data import DataError, data_for_run, load_data, medmnist_info, normalize
 from model import CheckpointError, load_checkpoint, parse_config, resolve_device
 
 matplotlib.use("Agg")  # figures only go to files; never needs a display
@@ -464,8 +464,7 @@ def scores_from_checkpoint(cfg: EvalConfig) -> Scored:
     device = resolve_device(cfg.device)
     model, train_cfg, _ = load_checkpoint(cfg.checkpoint, device)
     # The training seed matters for synthetic data: it generates the very same test split.
-    data = load_data(train_cfg["dataset"], train_cfg["size"], cfg.data_dir or train_cfg["data_dir"],
-                     splits=(cfg.split,), seed=train_cfg.get("seed", 0))
+    data = data_for_run(train_cfg, (cfg.split,), cfg.data_dir)
     split = data.splits[cfg.split]
     scores = predict(model, split.images, cfg.batch_size, device, data.task)
     return Scored(data.flag, data.size, data.task, data.class_names, split.labels.numpy(), scores,

@@ -8,17 +8,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import os
 import random
+import signal
+import sys
+import threading
 import typing
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torchvision
 
 MODELS = ("lightcnn", "resnet50")
 CHECKPOINT_FORMAT = 1
@@ -59,6 +63,7 @@ def resnet50(in_channels: int = 3, num_classes: int = 9, size: int = 28,
              pretrained: bool = False) -> nn.Module:
     """torchvision's ResNet-50. Below 224 the stem is a 3x3 stride-1 conv without max-pool (as in
     MedMNIST's experiments), so layer4 is 4x4 at 28 rather than 1x1 and Grad-CAM can localise."""
+    import torchvision  # here, not at the top: it adds seconds to every script's start-up
     weights = None
     if pretrained:
         weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
@@ -121,13 +126,19 @@ def count_flops(model: nn.Module, shape: tuple[int, ...]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# Run set-up: config from the command line, seeding, device
+# Run set-up: config from the command line, seeding, device, processes, signals
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """A command-line mistake is one line on stderr, not a screenful of usage above it."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
+
 
 def parse_config(cls, argv: list[str] | None = None, description: str | None = None):
     """Build argparse from a dataclass: one --flag per field, its comment (metadata help) and
     default in --help, `choices` from metadata; unknown flags are errors."""
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _OneLineErrors(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
@@ -159,6 +170,71 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+@contextlib.contextmanager
+def distributed(device: str = "auto") -> Iterator[tuple[torch.device, int, int]]:
+    """(device, rank, world size) of this process: one plain process, or one of torchrun's.
+
+    torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; its processes (even a single one) join one
+    group, NCCL on CUDA and gloo on CPU, for as long as the block runs, each on GPU LOCAL_RANK of
+    its machine.
+    """
+    dev = resolve_device(device)
+    if "LOCAL_RANK" not in os.environ:
+        yield dev, 0, 1
+        return
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(dev)
+    torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    try:
+        yield dev, torch.distributed.get_rank(), torch.distributed.get_world_size()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all processes, in place; itself in a single process."""
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def from_rank0(obj):
+    """Rank 0's value of a picklable object, on every process (decisions all must take together)."""
+    if not torch.distributed.is_initialized():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that both unwind the same way."""
+
+
+@contextlib.contextmanager
+def exit_on_interrupt(hint: Callable[[], str], quiet: bool = False) -> Iterator[None]:
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler pre-empting the job, torchrun stopping its
+    processes) inside the block: stop where the process is, print hint() unless `quiet`, and exit
+    with 128 + the signal number (130 for Ctrl-C). Nothing is saved here: checkpoints are written
+    atomically, so the last complete one is what a resume starts from.
+    """
+    def terminate(signum, frame):
+        raise _Terminated()
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signal.signal's rule
+    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        if not quiet:
+            print(hint(), file=sys.stderr, flush=True)
+        raise SystemExit(128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 # ------------------------------------------------------------------------------------------------
 # Checkpoints: plain types only, so torch.load(..., weights_only=True) reads them
 
@@ -166,7 +242,14 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Write atomically: a crash mid-write never leaves a half-written checkpoint behind."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a machine crash cannot empty it either
+    except BaseException:  # Ctrl-C or a full disk mid-write: leave no half file behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

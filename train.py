@@ -4,10 +4,18 @@
     python train.py --dataset synthetic --epochs 10        # offline, on generated data
     python train.py --model resnet50 --size 64 --amp       # ResNet-50 on PathMNIST 64x64
     python train.py --resume runs/latest                   # continue an interrupted run
+    torchrun --nproc_per_node 4 train.py --model resnet50  # 4 GPUs; --batch-size is per GPU
 
 The model is selected on the validation split (early stopping, best checkpoint); the test split is
 read only after training, to report the selected checkpoint once. A run folder holds config.json,
 metrics.csv (a row per epoch), last.pt, best.pt, test metrics and images/.
+
+Faults: checkpoints are written atomically at the end of each epoch, and every random draw of an
+epoch is seeded from (seed, epoch, rank), so a run killed at any moment (Ctrl-C exits with 130
+and says how to resume) and continued with --resume ends with the same weights and metrics as one
+never stopped: bit for bit on CPU; on CUDA up to what non-deterministic kernels change.
+Under torchrun each process trains on its own share of every epoch and DDP averages gradients;
+BatchNorm statistics stay per process; rank 0 alone validates, prints and writes files.
 """
 from __future__ import annotations
 
@@ -26,43 +34,50 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import evaluate
-from data import SIZES, DataError, augment, batches, dataset_choices, load_data, normalize
-from model import (MODELS, CheckpointError, build_model, count_flops, parse_config, read_checkpoint,
-                   resolve_device, save_checkpoint, set_seed)
+from data import SIZES, DataError, augment, dataset_choices, load_data, normalize, parse_split_sizes
+from model import (MODELS, CheckpointError, all_reduce_sum, build_model, count_flops, distributed,
+                   exit_on_interrupt, from_rank0, parse_config, read_checkpoint, save_checkpoint,
+                   set_seed)
 
 
 @dataclass
 class TrainConfig:
     dataset: str = field(default="pathmnist", metadata={"help": "MedMNIST 2D flag, or 'synthetic' (offline, generated)"})
+    synthetic_sizes: str = field(default="10000,2000,2000", metadata={"help": "train,val,test images of --dataset synthetic (tiny ones make quick tests)"})
     size: int = field(default=28, metadata={"help": "image side", "choices": SIZES})
     data_dir: str = field(default="data", metadata={"help": "folder with MedMNIST .npz files (downloaded if missing), or one .npz file"})
     model: str = field(default="lightcnn", metadata={"help": "network", "choices": MODELS})
     pretrained: bool = field(default=False, metadata={"help": "start resnet50 from ImageNet weights (downloads them)"})
     epochs: int = field(default=25, metadata={"help": "maximum epochs (the seed's 25)"})
-    batch_size: int = field(default=128, metadata={"help": "training batch; 128 keeps BatchNorm statistics stable and CPUs busy"})
+    batch_size: int = field(default=128, metadata={"help": "training batch per process; 128 keeps BatchNorm statistics stable and CPUs busy"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (the seed's)"})
     weight_decay: float = field(default=1e-4, metadata={"help": "Adam L2 penalty; small, the network already has dropout"})
     patience: int = field(default=6, metadata={"help": "early stopping: epochs without validation improvement"})
     monitor: str = field(default="acc", metadata={"help": "validation metric that selects best.pt", "choices": ("acc", "auc")})
     augment: bool = field(default=True, metadata={"help": "flips, 90-degree and small rotations on each batch"})
     seed: int = field(default=0, metadata={"help": "seeds weights, data order, augmentation and synthetic data"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ... (under torchrun: cuda:LOCAL_RANK)"})
     amp: bool = field(default=False, metadata={"help": "mixed precision: fp16 on CUDA, bf16 on CPU"})
     eval_batch_size: int = field(default=512, metadata={"help": "batch for validation and test inference"})
     out: str = field(default="", metadata={"help": "run folder (default runs/DATASET-MODEL-SIZE-TIME)"})
     resume: str = field(default="", metadata={"help": "run folder to continue from its last.pt (its config is reused; --epochs may extend it)"})
 
     def check(self) -> str | None:
-        if self.dataset not in dataset_choices():
-            return f"unknown dataset {self.dataset!r}; choose one of {', '.join(dataset_choices())}"
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 return f"--{name.replace('_', '-')} must be at least 1"
         if not (self.lr > 0 and self.weight_decay >= 0 and self.patience >= 1):
             return "--lr must be > 0, --weight-decay >= 0 and --patience >= 1"
+        if not 0 <= self.seed < 2**32:
+            return "--seed must be in [0, 2**32)"
+        if parse_split_sizes(self.synthetic_sizes) is None:
+            return f"--synthetic-sizes {self.synthetic_sizes!r}: give three positive integers, e.g. 10000,2000,2000"
+        if self.dataset not in dataset_choices():  # last: it imports medmnist, seconds of start-up
+            return f"unknown dataset {self.dataset!r}; choose one of {', '.join(dataset_choices())}"
         return None
 
 
@@ -70,14 +85,34 @@ class TrainConfig:
 RESUME_OVERRIDES = ("epochs", "lr", "patience", "amp", "device", "eval_batch_size")
 
 
-def train_one_epoch(model, split, optimizer, scaler, autocast, generator, cfg, device, desc) -> dict:
-    """One pass over the training split in a random order; returns loss, accuracy and speed."""
+def seed_epoch(seed: int, epoch: int, n: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Generator]:
+    """This process's share of an epoch's data order and its augmentation generator; also seeds
+    torch's global generator, which dropout draws from.
+
+    Every draw of an epoch is seeded from (seed, epoch, rank), never from state carried over from
+    the epoch before, so a resumed run draws exactly what an uninterrupted one does. The order is
+    one permutation, the same on every rank; after dropping its last n % world images, rank r
+    takes order[r::world] (DistributedSampler with drop_last=True), so ranks run equal batches and
+    see each image at most once per epoch. Augmentation and dropout differ between ranks.
+    """
+    order_seed = np.random.SeedSequence([seed, epoch, 0]).generate_state(1)[0]
+    augment_seed, dropout_seed = np.random.SeedSequence([seed, epoch, 1, rank]).generate_state(2)
+    torch.manual_seed(int(dropout_seed))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(order_seed)))
+    return order[: n - n % world][rank::world], torch.Generator().manual_seed(int(augment_seed))
+
+
+def train_one_epoch(model, split, order, optimizer, scaler, autocast, generator, cfg, desc,
+                    progress: bool = True) -> dict:
+    """One pass over this process's share `order` of the training split; returns loss, accuracy
+    and speed over all processes."""
     model.train()
+    device = split.images.device
     multilabel = split.labels.ndim == 2
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     seen, t0 = 0, time.perf_counter()
-    for idx in tqdm(batches(len(split), cfg.batch_size, True, generator), desc=desc, leave=False, disable=None):
+    for idx in tqdm(order.split(cfg.batch_size), desc=desc, leave=False, disable=None if progress else True):
         if len(idx) < 2:  # a one-image batch would make BatchNorm's batch statistics pure noise
             continue
         idx = idx.to(device)
@@ -101,13 +136,17 @@ def train_one_epoch(model, split, optimizer, scaler, autocast, generator, cfg, d
         correct += (pred == y).float().mean(-1).sum() if multilabel else (pred == y).sum()
         seen += len(idx)
     seconds = time.perf_counter() - t0
-    return {"loss": loss_sum.item() / seen, "acc": correct.item() / seen, "seconds": seconds,
-            "images_per_s": seen / seconds}
+    totals = all_reduce_sum(torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device)]))
+    loss_total, correct_total, seen_total = totals.tolist()
+    return {"loss": loss_total / seen_total, "acc": correct_total / seen_total, "seconds": seconds,
+            "images_per_s": seen_total / seconds}
 
 
 def validate(model, split, data, cfg, device) -> dict:
     """Loss, accuracy and AUC on a held-out split, from the same predict() evaluate.py uses."""
     scores = evaluate.predict(model, split.images, cfg.eval_batch_size, device, data.task)
+    if not np.isfinite(scores).all():  # diverged weights: main() stops the run on the NaN loss
+        return {"loss": math.nan, "acc": math.nan, "auc": math.nan}
     y = split.labels.numpy()
     m = evaluate.compute_metrics(y, scores, data.task, data.class_names)
     p = np.clip(scores, 1e-12, 1 - 1e-7)
@@ -136,85 +175,166 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> Path:
     cfg = parse_config(TrainConfig, argv, description=__doc__.split("\n")[0])
-    resume_ckpt = None
+    resume_ckpt, given = None, {}
     if cfg.resume:
-        resume_ckpt = read_checkpoint(Path(cfg.resume) / "last.pt")
-        # The run's own config, except the knobs that may change mid-run when given on the command line.
-        given = {k: getattr(cfg, k) for k in RESUME_OVERRIDES if getattr(cfg, k) != getattr(TrainConfig(), k)}
-        cfg = TrainConfig(**{**resume_ckpt["config"], **given, "resume": cfg.resume, "out": cfg.resume})
+        cfg, resume_ckpt, given = resume_config(cfg)
     set_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    run_dir = Path(cfg.out or _new_run_dir(f"runs/{cfg.dataset}-{cfg.model}-{cfg.size}-{time.strftime('%Y%m%d-%H%M%S')}"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    _point_latest(run_dir)
+    with distributed(cfg.device) as (device, rank, world):
+        log = print if rank == 0 else _silent
 
-    # Data: train and validation only; the test split is not read until training is over.
-    data = load_data(cfg.dataset, cfg.size, cfg.data_dir, ("train", "val"), seed=cfg.seed)
-    train, val = (data.splits[s] for s in ("train", "val"))
-    train.images, train.labels = train.images.to(device), train.labels.to(device)
-    print(f"data: {data.source}: {len(train)} train / {len(val)} val images, {data.num_classes} classes")
+        # Data: train and validation only; the test split is not read until training is over.
+        data = load_data(cfg.dataset, cfg.size, cfg.data_dir, ("train", "val"), seed=cfg.seed,
+                         synthetic_sizes=parse_split_sizes(cfg.synthetic_sizes))
+        train, val = (data.splits[s] for s in ("train", "val"))
+        if len(train) // world < 2:
+            raise DataError(f"{data.source}: {len(train)} training images are too few for {world} "
+                            f"process(es); use more images or fewer processes")
+        train.images, train.labels = train.images.to(device), train.labels.to(device)
+        log(f"data: {data.source}: {len(train)} train / {len(val)} val images, {data.num_classes} classes")
 
-    # Model, optimiser, schedule.
-    model = build_model(cfg.model, data.n_channels, data.num_classes, cfg.size, cfg.pretrained)
-    print(f"model: {cfg.model}, {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{count_flops(model, (data.n_channels, cfg.size, cfg.size)) / 1e6:.1f} M MACs per image")
-    model = model.to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=2)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if cfg.amp else contextlib.nullcontext()
-    generator = torch.Generator().manual_seed(cfg.seed)  # data order and augmentation
-    arch = {"in_channels": data.n_channels, "num_classes": data.num_classes, "task": data.task,
-            "class_names": data.class_names, "flag": data.flag, "data_source": data.source}
+        # Model, optimiser, schedule; a resumed run's state. All checked before anything is written.
+        net = build_model(cfg.model, data.n_channels, data.num_classes, cfg.size, cfg.pretrained)
+        log(f"model: {cfg.model}, {sum(p.numel() for p in net.parameters()):,} parameters, "
+            f"{count_flops(net, (data.n_channels, cfg.size, cfg.size)) / 1e6:.1f} M MACs per image")
+        net = net.to(device, memory_format=torch.channels_last)
+        optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=2)
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+        amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        autocast = torch.autocast(device.type, dtype=amp_dtype) if cfg.amp else contextlib.nullcontext()
+        arch = {"in_channels": data.n_channels, "num_classes": data.num_classes, "task": data.task,
+                "class_names": data.class_names, "flag": data.flag, "data_source": data.source}
+        start, best, stale = 1, -math.inf, 0
+        if resume_ckpt:
+            start, best, stale = restore(resume_ckpt, Path(cfg.resume) / "last.pt", net, optimizer,
+                                         scheduler, cfg.lr if "lr" in given else None)
+        run_dir, rows = open_run_folder(cfg, rank, resume_ckpt)
+        with exit_on_interrupt(lambda: _resume_hint(run_dir), quiet=rank != 0):
+            if resume_ckpt:
+                log(f"resumed {run_dir} after epoch {resume_ckpt['epoch']} (best val {cfg.monitor} {best:.4f})")
+            model = net
+            if torch.distributed.is_initialized():  # torchrun: gradients averaged over all processes at every step
+                model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    start, best, stale, rows = 1, -math.inf, 0, []
-    if resume_ckpt:
-        model.load_state_dict(resume_ckpt["model"])
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        scheduler.load_state_dict(resume_ckpt["scheduler"])
-        for group in optimizer.param_groups:  # a --lr given on resume wins over the saved one
-            group["lr"] = cfg.lr if "lr" in given else group["lr"]
-        torch.set_rng_state(resume_ckpt["rng"]["torch"])
-        generator.set_state(resume_ckpt["rng"]["data"])
-        start, best, stale = resume_ckpt["epoch"] + 1, resume_ckpt["best_metric"], resume_ckpt["stale_epochs"]
-        rows = _read_metrics(run_dir / "metrics.csv")[: resume_ckpt["epoch"]]
-        print(f"resumed {run_dir} after epoch {resume_ckpt['epoch']} (best val {cfg.monitor} {best:.4f})")
+            for epoch in range(start, cfg.epochs + 1):
+                if stale >= cfg.patience:
+                    log(f"early stop: validation {cfg.monitor} has not improved for {stale} epochs")
+                    break
+                order, generator = seed_epoch(cfg.seed, epoch, len(train), rank, world)
+                tr = train_one_epoch(model, train, order, optimizer, scaler, autocast, generator, cfg,
+                                     f"epoch {epoch}/{cfg.epochs}", progress=rank == 0)
+                # Rank 0 validates; every rank takes its result, so all step and stop together.
+                va = from_rank0(validate(net, val, data, cfg, device) if rank == 0 else None)
+                if not math.isfinite(va["loss"]):
+                    raise FloatingPointError(f"validation loss became {va['loss']} after epoch {epoch}; last.pt "
+                                             f"keeps the last good epoch: resume with a lower --lr, or without --amp")
+                scheduler.step(va["loss"])
+                score = va[cfg.monitor] if math.isfinite(va[cfg.monitor]) else -math.inf  # AUC is NaN if a class is absent
+                improved = score > best or epoch == 1
+                best, stale = (score, 0) if improved else (best, stale + 1)
+                rows.append({"epoch": epoch, **{f"train_{k}": v for k, v in tr.items() if k in ("loss", "acc")},
+                             **{f"val_{k}": v for k, v in va.items()}, "lr": optimizer.param_groups[0]["lr"],
+                             "seconds": tr["seconds"], "images_per_s": tr["images_per_s"]})
+                if rank == 0:
+                    state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "epoch": epoch, "best_metric": best,
+                             "stale_epochs": stale, "config": asdict(cfg), "arch": arch,
+                             # A record only: the next epoch reseeds (seed_epoch), resumed or not.
+                             "rng": {"torch": torch.get_rng_state(), "data": generator.get_state()}}
+                    save_epoch(run_dir, rows, state, improved)
+                log(f"epoch {epoch:3d} | train loss {tr['loss']:.4f} acc {tr['acc']:.4f} | val loss {va['loss']:.4f} "
+                    f"acc {va['acc']:.4f} auc {va['auc']:.4f} | lr {rows[-1]['lr']:.1e} | "
+                    f"{tr['seconds']:.1f}s {tr['images_per_s']:.0f} img/s{' *' if improved else ''}")
 
-    for epoch in range(start, cfg.epochs + 1):
-        if stale >= cfg.patience:
-            print(f"early stop: validation {cfg.monitor} has not improved for {stale} epochs")
-            break
-        tr = train_one_epoch(model, train, optimizer, scaler, autocast, generator, cfg, device,
-                             f"epoch {epoch}/{cfg.epochs}")
-        va = validate(model, val, data, cfg, device)
-        scheduler.step(va["loss"])
-        score = va[cfg.monitor] if math.isfinite(va[cfg.monitor]) else -math.inf  # AUC is NaN if a class is absent
-        improved = score > best or not (run_dir / "best.pt").exists()
-        best, stale = (score, 0) if improved else (best, stale + 1)
-        rows.append({"epoch": epoch, **{f"train_{k}": v for k, v in tr.items() if k in ("loss", "acc")},
-                     **{f"val_{k}": v for k, v in va.items()}, "lr": optimizer.param_groups[0]["lr"],
-                     "seconds": tr["seconds"], "images_per_s": tr["images_per_s"]})
-        _write_metrics(run_dir / "metrics.csv", rows)
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "epoch": epoch, "best_metric": best,
-                 "stale_epochs": stale, "config": asdict(cfg), "arch": arch,
-                 "rng": {"torch": torch.get_rng_state(), "data": generator.get_state()}}
-        save_checkpoint(run_dir / "last.pt", state)
-        if improved:
-            save_checkpoint(run_dir / "best.pt", state)
-        print(f"epoch {epoch:3d} | train loss {tr['loss']:.4f} acc {tr['acc']:.4f} | val loss {va['loss']:.4f} "
-              f"acc {va['acc']:.4f} auc {va['auc']:.4f} | lr {rows[-1]['lr']:.1e} | "
-              f"{tr['seconds']:.1f}s {tr['images_per_s']:.0f} img/s{' *' if improved else ''}")
-
-    plot_curves(rows, run_dir / "images" / "training_curves.png",
-                f"{cfg.model} on {data.source}")
-    # The one look at the test split: the checkpoint selected on validation.
-    print(f"best checkpoint (val {cfg.monitor} {best:.4f}) on the test split:")
-    evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--device", str(device),
-                   "--batch-size", str(cfg.eval_batch_size)])
+            if rank == 0:
+                plot_curves(rows, run_dir / "images" / "training_curves.png", f"{cfg.model} on {data.source}")
+                # The one look at the test split: the checkpoint selected on validation.
+                print(f"best checkpoint (val {cfg.monitor} {best:.4f}) on the test split:")
+                evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--device", str(device),
+                               "--batch-size", str(cfg.eval_batch_size)])
     return run_dir
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume, run folder, checkpoints
+
+def resume_config(cfg: TrainConfig) -> tuple[TrainConfig, dict, dict]:
+    """The run's own config and its last.pt, with the RESUME_OVERRIDES that the command line
+    gives; also those given values. A checkpoint that does not fit is a CheckpointError."""
+    path = Path(cfg.resume) / "last.pt"
+    ckpt = read_checkpoint(path)
+    given = {k: getattr(cfg, k) for k in RESUME_OVERRIDES if getattr(cfg, k) != getattr(TrainConfig(), k)}
+    try:
+        resumed = TrainConfig(**{**ckpt["config"], **given, "resume": cfg.resume, "out": cfg.resume})
+        problem = resumed.check()
+    except (TypeError, ValueError) as e:
+        problem = str(e)
+    if problem:
+        raise CheckpointError(f"{path}: its config does not describe a run of this train.py ({problem}); "
+                              f"pass a run folder written by train.py")
+    return resumed, ckpt, given
+
+
+def restore(ckpt: dict, path: Path, net, optimizer, scheduler, lr: float | None) -> tuple[int, float, int]:
+    """Load last.pt into the model, optimiser and schedule (a given `lr` wins over the saved one);
+    returns (first epoch to run, best validation metric, epochs without improvement)."""
+    try:
+        net.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start, best, stale = int(ckpt["epoch"]) + 1, float(ckpt["best_metric"]), int(ckpt["stale_epochs"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{path}: does not fit the {type(net).__name__} its config describes ({first}); "
+                              f"it is from another model or damaged: resume another run or start a new one") from None
+    for group in optimizer.param_groups:
+        group["lr"] = lr if lr is not None else group["lr"]
+    return start, best, stale
+
+
+def open_run_folder(cfg: TrainConfig, rank: int, resumed: dict | None) -> tuple[Path, list[dict]]:
+    """Rank 0 creates (or reopens) the run folder, writes config.json and points runs/latest at it.
+    Returns its path, on every rank, and on rank 0 the metrics rows of the epochs in last.pt."""
+    run_dir, rows = None, []
+    if rank == 0:
+        run_dir = Path(cfg.out or _new_run_dir(f"runs/{cfg.dataset}-{cfg.model}-{cfg.size}-{time.strftime('%Y%m%d-%H%M%S')}"))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_text(run_dir / "config.json", json.dumps(asdict(cfg), indent=2))
+        _point_latest(run_dir)
+        if resumed:
+            rows = _read_metrics(run_dir / "metrics.csv")[: resumed["epoch"]]  # drops rows written past it
+            _catch_up_best(run_dir, resumed)
+    return Path(from_rank0(str(run_dir))), rows
+
+
+def save_epoch(run_dir: Path, rows: list[dict], state: dict, improved: bool) -> None:
+    """metrics.csv, last.pt and, when validation improved, best.pt: each replaced atomically, in
+    this order, so a kill between two of them leaves nothing that --resume cannot repair."""
+    _write_metrics(run_dir / "metrics.csv", rows)  # a resume drops rows past last.pt's epoch
+    save_checkpoint(run_dir / "last.pt", state)
+    if improved:
+        save_checkpoint(run_dir / "best.pt", state)  # a resume re-copies it when killed before this
+
+
+def _catch_up_best(run_dir: Path, last: dict) -> None:
+    """last.pt's epoch improved (no stale epochs) but best.pt is not that epoch: the run was
+    stopped between writing the two, so best.pt gets the copy it was about to get."""
+    if last["stale_epochs"] != 0:
+        return
+    with contextlib.suppress(CheckpointError):
+        if read_checkpoint(run_dir / "best.pt").get("epoch") == last["epoch"]:
+            return
+    save_checkpoint(run_dir / "best.pt", last)
+
+
+def _resume_hint(run_dir: Path) -> str:
+    if (run_dir / "last.pt").exists():
+        return f"interrupted: resume with python train.py --resume {run_dir}"
+    return f"interrupted before the first epoch ended: nothing to resume in {run_dir}; start again"
+
+
+def _silent(*args, **kwargs) -> None:
+    """print() for processes other than rank 0."""
 
 
 def _new_run_dir(name: str) -> Path:
@@ -234,6 +354,12 @@ def _point_latest(run_dir: Path) -> None:
             link.unlink()
         if not link.exists():
             link.symlink_to(run_dir.name)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:
@@ -257,3 +383,6 @@ if __name__ == "__main__":
         main()
     except (DataError, CheckpointError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # outside exit_on_interrupt: before the run folder was written
+        print("interrupted before training started: run the same command again", file=sys.stderr)
+        sys.exit(130)

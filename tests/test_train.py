@@ -23,7 +23,9 @@ from model import CheckpointError, load_checkpoint, read_checkpoint
 
 SIZES = (97, 45, 45)  # train/val/test; 45 holds every one of the 9 classes
 SEEN = 96  # the train images minus the last batch of one, which is skipped
-FLAGS = ["--dataset", "synthetic", "--device", "cpu", "--batch-size", "32", "--eval-batch-size", "64"]
+FLAGS = ["--dataset", "synthetic", "--synthetic-sizes", "97,45,45", "--device", "cpu", "--batch-size", "32",
+         "--eval-batch-size", "64"]
+REAL_LOAD_DATA = data.load_data
 COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr", "seconds",
            "images_per_s"]
 TIMING = {"seconds", "images_per_s"}
@@ -39,11 +41,12 @@ def one_thread():
 
 
 def _install(mp: pytest.MonkeyPatch, events: list) -> None:
-    """Tiny data through both load_data imports; log data requests and checkpoint writes in order."""
+    """Log data requests (train.py's own, and evaluate.py's through data.data_for_run) and
+    checkpoint writes in order."""
     def loader(who):
         def load(dataset, size=28, data_dir="data", splits=data.SPLITS, seed=0, **kw):
             events.append(("load", who, tuple(splits)))
-            return data.load_data(dataset, size, data_dir, splits, seed, synthetic_sizes=SIZES, **kw)
+            return REAL_LOAD_DATA(dataset, size, data_dir, splits, seed, **kw)
         return load
 
     real_save = train.save_checkpoint
@@ -53,7 +56,7 @@ def _install(mp: pytest.MonkeyPatch, events: list) -> None:
         real_save(path, state)
 
     mp.setattr(train, "load_data", loader("train"))
-    mp.setattr(evaluate, "load_data", loader("evaluate"))
+    mp.setattr(data, "load_data", loader("evaluate"))
     mp.setattr(train, "save_checkpoint", save)
 
 
@@ -117,7 +120,7 @@ def script_val_acc(monkeypatch, accs) -> None:
 def test_run_folder_config_and_metrics(one_epoch):
     run, _ = one_epoch
     expected = {**asdict(train.TrainConfig()), "dataset": "synthetic", "device": "cpu", "batch_size": 32,
-                "eval_batch_size": 64, "epochs": 1, "out": str(run)}
+                "eval_batch_size": 64, "epochs": 1, "out": str(run), "synthetic_sizes": "97,45,45"}
     assert json.loads((run / "config.json").read_text()) == expected
     columns, rows = read_rows(run)
     assert columns == COLUMNS and len(rows) == 1

@@ -1,0 +1,97 @@
+"""train.py under torchrun: two CPU processes (gloo) share each epoch, write one set of outputs, and resume.
+
+The sharding itself (seed_epoch) is checked in-process; the torchrun runs use tiny synthetic data
+(96/48/48 images, 16 per batch and process).
+"""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import train
+from model import build_model, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_IMAGES = 96
+FLAGS = ["--dataset", "synthetic", "--synthetic-sizes", f"{TRAIN_IMAGES},48,48", "--device", "cpu",
+         "--batch-size", "16", "--eval-batch-size", "64"]
+
+
+# ----------------------------------------------------------------------------- sharding
+
+@pytest.mark.parametrize("n, world", [(96, 1), (96, 2), (97, 2), (100, 3), (5, 4)])
+def test_each_rank_gets_an_equal_disjoint_share_of_one_permutation(n, world):
+    shards = [train.seed_epoch(0, 3, n, rank, world)[0] for rank in range(world)]
+    assert all(len(s) == n // world for s in shards)  # equal batches on every rank: no rank waits forever
+    joined = torch.cat(shards)
+    assert len(joined.unique()) == len(joined) == n - n % world  # each image at most once per epoch
+    alone = train.seed_epoch(0, 3, n, 0, 1)[0]
+    assert torch.equal(torch.stack(shards, 1).flatten(), alone[: n - n % world])  # the same permutation
+
+
+def test_epoch_draws_depend_on_seed_epoch_and_rank_only():
+    order, g = train.seed_epoch(0, 2, 96, 1, 2)
+    dropout = torch.rand(4)
+    again, g2 = train.seed_epoch(0, 2, 96, 1, 2)
+    assert torch.equal(order, again) and torch.equal(torch.rand(4), dropout)
+    assert torch.equal(g.get_state(), g2.get_state())
+    _, g_rank0 = train.seed_epoch(0, 2, 96, 0, 2)
+    dropout_rank0 = torch.rand(4)
+    assert not torch.equal(g_rank0.get_state(), g.get_state()) and not torch.equal(dropout_rank0, dropout)
+    assert not torch.equal(train.seed_epoch(0, 3, 96, 1, 2)[0], order)  # a new order every epoch
+    assert not torch.equal(train.seed_epoch(1, 2, 96, 1, 2)[0], order)  # and for every seed
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+def torchrun(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(REPO / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def read_rows(run: Path) -> list[dict]:
+    with open(run / "metrics.csv", newline="") as f:
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def test_torchrun_two_processes_one_set_of_outputs_and_resume(tmp_path):
+    run = tmp_path / "run"
+    p = torchrun(tmp_path, *FLAGS, "--epochs", "1", "--out", str(run))
+
+    # One set of outputs, written by rank 0 alone.
+    assert p.stdout.count("epoch   1 |") == 1 and p.stdout.count("data: ") == 1
+    assert {f.name for f in run.iterdir()} >= {"config.json", "metrics.csv", "last.pt", "best.pt", "test_metrics.json"}
+    assert json.loads((run / "config.json").read_text())["batch_size"] == 16
+    (row,) = read_rows(run)
+    # Each training image once per epoch over both processes (48 each): 2 x 96 if every rank took the
+    # whole split, 48 if the counts were not summed over ranks.
+    assert row["images_per_s"] * row["seconds"] == pytest.approx(TRAIN_IMAGES, rel=1e-9)
+    assert row["train_acc"] * TRAIN_IMAGES == pytest.approx(round(row["train_acc"] * TRAIN_IMAGES), abs=1e-6)
+
+    # Checkpoints hold the unwrapped network ("module." nowhere) and stand alone.
+    for name in ("last.pt", "best.pt"):
+        ckpt = torch.load(run / name, map_location="cpu", weights_only=True)
+        assert ckpt["model"].keys() == build_model("lightcnn").state_dict().keys()
+    # The weights saved are the ones rank 0 validated: recompute validation from best.pt alone.
+    net, cfg, _ = load_checkpoint(run / "best.pt")
+    val = data.load_data("synthetic", 28, splits=("val",), seed=cfg["seed"], synthetic_sizes=(96, 48, 48)).splits["val"]
+    with torch.no_grad():
+        logits = net(data.normalize(val.images)).double()
+    assert row["val_acc"] == pytest.approx((logits.argmax(1) == val.labels).double().mean().item(), abs=1e-9)
+    assert row["val_loss"] == pytest.approx(F.cross_entropy(logits, val.labels).item(), rel=1e-5)
+
+    # Resumed under torchrun: one more epoch, again each image once.
+    p = torchrun(tmp_path, "--resume", str(run), "--epochs", "2")
+    assert p.stdout.count(f"resumed {run} after epoch 1") == 1 and p.stdout.count("epoch   2 |") == 1
+    rows = read_rows(run)
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[0] == row
+    assert rows[1]["images_per_s"] * rows[1]["seconds"] == pytest.approx(TRAIN_IMAGES, rel=1e-9)
+    assert torch.load(run / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 2
