@@ -10,6 +10,10 @@ target) holds the map as a float16/float32 blob, so thousands of maps can be que
         ids = db.add_samples("pathmnist", 28, "test", indices, labels)
         db.add_attributions(m, s, ids, targets, predicted, confidence, maps, deltas=deltas)
         worst = db.top_errors(k=16, method="ig")   # worst["maps"]: (16, 3, 28, 28) float32
+        rows = db.maps(model_id=m, setting_id=s)
+        db.add_sample_metrics(rows["attribution_id"], "deletion_auc", aucs)   # trust metrics per map
+        db.add_summary_metric(m, s, "pathmnist", 28, "test", "deletion_auc", aucs.mean(), len(aucs),
+                              {"curve": mean_curve})
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x58504C4E  # "XPLN" in the file header: tells our files from other SQLite files
 
 _NOW = "(strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
@@ -54,6 +58,27 @@ MIGRATIONS = [
     CREATE INDEX attributions_class ON attributions(predicted, target);
     CREATE INDEX attributions_confidence ON attributions(confidence);
     """,
+    # 2: trust metrics. Per map (sample_metrics) and aggregated (summary_metrics); setting_id 0 marks
+    # a model-level row such as IG-vs-Grad-CAM agreement (NULL would never conflict in the key).
+    # A rewritten map drops the metrics computed from it, so stored numbers describe stored maps.
+    f"""
+    CREATE TABLE sample_metrics(
+        attribution_id INTEGER NOT NULL REFERENCES attributions(id) ON DELETE CASCADE,
+        name TEXT NOT NULL, value REAL, PRIMARY KEY(attribution_id, name)) WITHOUT ROWID;
+    CREATE INDEX sample_metrics_name ON sample_metrics(name);
+    CREATE TABLE summary_metrics(
+        model_id INTEGER NOT NULL REFERENCES models(id),
+        setting_id INTEGER NOT NULL CHECK (setting_id >= 0),
+        dataset TEXT NOT NULL, size INTEGER NOT NULL, split TEXT NOT NULL, name TEXT NOT NULL,
+        value REAL, n INTEGER NOT NULL, detail_json TEXT NOT NULL, created_at TEXT DEFAULT {_NOW},
+        PRIMARY KEY(model_id, setting_id, dataset, size, split, name));
+    CREATE TRIGGER attributions_rewritten AFTER UPDATE ON attributions
+    WHEN OLD.map IS NOT NEW.map OR OLD.delta IS NOT NEW.delta BEGIN
+        DELETE FROM sample_metrics WHERE attribution_id = NEW.id;
+        DELETE FROM summary_metrics WHERE model_id = NEW.model_id AND setting_id IN (NEW.setting_id, 0)
+            AND (dataset, size, split) = (SELECT dataset, size, split FROM samples WHERE id = NEW.sample_id);
+    END;
+    """,
 ]
 
 # Little-endian on disk, so a file copied between machines decodes the same.
@@ -76,6 +101,12 @@ _UPSERT = """INSERT INTO attributions(model_id, setting_id, sample_id, target, p
         predicted = excluded.predicted, confidence = excluded.confidence, delta = excluded.delta,
         dtype = excluded.dtype, shape = excluded.shape, map = excluded.map,
         raw_shape = excluded.raw_shape, raw = excluded.raw, created_at = excluded.created_at"""
+_SAMPLE_METRICS = f"""SELECT {", ".join(_COLUMNS.values())}, v.value
+    FROM sample_metrics v JOIN attributions a ON a.id = v.attribution_id
+        JOIN settings s ON s.id = a.setting_id JOIN samples x ON x.id = a.sample_id"""
+_SUMMARY_METRICS = """SELECT v.model_id, m.name, substr(m.checkpoint_sha256, 1, 12), nullif(v.setting_id, 0),
+        s.method, s.params_json, v.dataset, v.size, v.split, v.name, v.value, v.n, v.detail_json, v.created_at
+    FROM summary_metrics v JOIN models m ON m.id = v.model_id LEFT JOIN settings s ON s.id = v.setting_id"""
 _SUMMARY = """SELECT m.name, substr(m.checkpoint_sha256, 1, 12), s.method, s.params_json, x.dataset,
         x.size, x.split, count(*), sum(a.predicted != x.label), avg(abs(a.delta))
     FROM attributions a JOIN models m ON m.id = a.model_id JOIN settings s ON s.id = a.setting_id
@@ -304,6 +335,69 @@ class ExplanationDB:
         # mean_abs_delta is NaN, not None, for methods without deltas, so it formats like a number.
         return [dict(zip(keys, row[:-1] + (np.nan if row[-1] is None else row[-1],))) for row in rows]
 
+    def add_sample_metrics(self, attribution_ids, name: str, values) -> int:
+        """Store one metric for a batch of maps in one transaction (NaN -> NULL); a rerun replaces it."""
+        if not name or not isinstance(name, str):
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        ids = _ints("attribution_ids", attribution_ids)
+        values = _floats("values", values, len(ids), allow_nan=True)
+        rows = [(i, name, None if np.isnan(v) else v) for i, v in zip(ids.tolist(), values.tolist())]
+        try:
+            with self._transaction() as conn:
+                conn.executemany("INSERT INTO sample_metrics(attribution_id, name, value) VALUES (?, ?, ?) "
+                                 "ON CONFLICT DO UPDATE SET value = excluded.value", rows)
+        except sqlite3.IntegrityError as e:
+            raise ValueError(f"add_sample_metrics: {e} (unknown attribution_id?); nothing was stored") from e
+        return len(rows)
+
+    def add_summary_metric(self, model_id: int, setting_id: int | None, dataset: str, size: int, split: str,
+                           name: str, value: float, n: int, detail: dict | None = None) -> None:
+        """Store an aggregated metric; setting_id None for model-level ones. A rerun replaces the row.
+
+        detail: curves, per-layer lists, per-class dicts (plain JSON; numpy values and NaN -> null).
+        """
+        row = (int(model_id), 0 if setting_id is None else int(setting_id), str(dataset), int(size), str(split),
+               str(name), None if value is None or np.isnan(value) else float(value), int(n),
+               _canonical_json(_plain(detail or {})))
+        try:
+            with self._transaction() as conn:
+                conn.execute("""INSERT INTO summary_metrics(model_id, setting_id, dataset, size, split, name,
+                    value, n, detail_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET
+                    value = excluded.value, n = excluded.n, detail_json = excluded.detail_json,
+                    created_at = excluded.created_at""", row)
+        except sqlite3.IntegrityError as e:
+            raise ValueError(f"add_summary_metric: {e} (unknown model_id?); nothing was stored") from e
+
+    def sample_metrics(self, name: str, errors_only: bool = False, **filters) -> dict[str, np.ndarray]:
+        """One metric of the selected maps (maps() filters): the maps' columns plus `value` (NaN: NULL)."""
+        where, params = _where(filters, errors_only)
+        where = f"{where} AND v.name = ?" if where else " WHERE v.name = ?"
+        rows = self._conn.execute(f"{_SAMPLE_METRICS}{where} ORDER BY {_ORDER}", params + [name]).fetchall()
+        cols = list(zip(*rows)) if rows else [()] * (len(_COLUMNS) + 1)
+        out = {}
+        for key, values in zip([*_COLUMNS, "value"], cols):
+            kind = str if key in ("method", "dataset", "split") else np.int64
+            kind = float if key in ("confidence", "delta", "value") else kind
+            out[key] = np.array(values, dtype=kind)
+        return out
+
+    def summary_metrics(self, model_id: int | None = None) -> list[dict]:
+        """Aggregated metrics, sorted; setting_id, method and params are None for model-level rows."""
+        sql, params = _SUMMARY_METRICS, []
+        if model_id is not None:
+            sql, params = sql + " WHERE v.model_id = ?", [int(model_id)]
+        rows = self._conn.execute(sql + " ORDER BY v.model_id, v.setting_id, v.dataset, v.size, v.split, v.name",
+                                  params)
+        keys = ("model_id", "model", "sha256", "setting_id", "method", "params", "dataset", "size", "split",
+                "name", "value", "n", "detail", "created_at")
+        out = []
+        for row in rows:
+            d = dict(zip(keys, row))
+            d["value"] = np.nan if d["value"] is None else d["value"]
+            d["detail"] = json.loads(d["detail"])
+            out.append(d)
+        return out
+
 
 def _db_error(path: str, exc: sqlite3.Error) -> DatabaseError:
     """Turn an sqlite3 error on `path` into a one-line DatabaseError that says what to do."""
@@ -336,6 +430,19 @@ def _statements(script: str):
 def _canonical_json(obj) -> str:
     """Sorted keys, compact separators: equal dicts give equal strings, hence equal setting ids."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _plain(obj):
+    """numpy scalars/arrays and tuples -> plain JSON types, NaN and inf -> None (JSON has neither)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in (obj.tolist() if isinstance(obj, np.ndarray) else obj)]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
 
 
 def _where(filters: dict, errors_only: bool) -> tuple[str, list]:

@@ -427,3 +427,93 @@ def test_two_processes_write_overlapping_batches(tmp_path):
     keys = sorted(zip(out["index"].tolist(), out["target"].tolist()))
     assert keys == [(i, t) for i in range(180) for t in (0, 1)]
     assert np.array_equal(out["maps"][:, 0, 0], (out["index"] + out["target"] / 10).astype(np.float32))
+
+
+# ----------------------------------------------------------------------------- trust metrics (schema 2)
+
+def test_version_1_file_upgrades_in_place(tmp_path):
+    """A file written by the schema-1 code opens with this code: rows kept, metric tables added."""
+    import db as dbmod
+    path = tmp_path / "v1.db"
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("BEGIN")
+        for statement in dbmod._statements(dbmod.MIGRATIONS[0]):
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute("INSERT INTO models(checkpoint_sha256, name, config_json) VALUES (?, 'tiny', '{}')", (sha("a"),))
+        conn.execute("INSERT INTO settings(method, params_json) VALUES ('ig', '{}')")
+        conn.execute("INSERT INTO samples(dataset, size, split, idx, label) VALUES ('d', 2, 'test', 7, 1)")
+        blob = np.arange(4, dtype="<f2").tobytes()
+        conn.execute("INSERT INTO attributions(model_id, setting_id, sample_id, target, predicted, confidence, "
+                     "delta, dtype, shape, map) VALUES (1, 1, 1, 1, 1, 0.5, 0.25, 'float16', '2,2', ?)", (blob,))
+        conn.execute("COMMIT")
+    tables = "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+    assert [t for (t,) in raw_sql(path, tables)] == ["attributions", "models", "samples", "settings"]
+    with ExplanationDB(path) as d:
+        rows = d.maps()
+        assert rows["index"].tolist() == [7] and rows["delta"].tolist() == [0.25]
+        np.testing.assert_array_equal(rows["maps"], np.arange(4, dtype=np.float32).reshape(1, 2, 2))
+        d.add_sample_metrics(rows["attribution_id"], "deletion_auc", [0.3])
+        assert d.sample_metrics("deletion_auc")["value"].tolist() == [0.3]
+    assert raw_sql(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)] and SCHEMA_VERSION == 2
+    assert {"sample_metrics", "summary_metrics"} <= {t for (t,) in raw_sql(path, tables)}
+    assert raw_sql(path, "SELECT map FROM attributions") == [(blob,)]  # the map is untouched
+
+
+def test_sample_and_summary_metrics_round_trip(populated):
+    db, ref = populated
+    ig = db.maps(method="ig")
+    values = np.linspace(0, 1, len(ig["index"]))
+    values[3] = np.nan  # undefined, e.g. relevance mass of an all-zero map
+    assert db.add_sample_metrics(ig["attribution_id"], "relevance_mass", values) == 40
+    out = db.sample_metrics("relevance_mass", method="ig")
+    np.testing.assert_array_equal(out["attribution_id"], ig["attribution_id"])
+    np.testing.assert_array_equal(out["value"], values)  # NaN stays NaN
+    assert out["index"].tolist() == ig["index"].tolist() and out["method"].tolist() == ["ig"] * 40
+    some = db.sample_metrics("relevance_mass", label=2, errors_only=True)
+    assert some["index"].tolist() == ig["index"][(ig["label"] == 2) & (ig["predicted"] != ig["label"])].tolist()
+    assert db.sample_metrics("relevance_mass", method="gradcam")["value"].shape == (0,)
+    db.add_sample_metrics(ig["attribution_id"][:2], "relevance_mass", [5.0, 6.0])  # replaces, no new rows
+    assert count(db.path, "sample_metrics") == 40
+    assert db.sample_metrics("relevance_mass")["value"][:2].tolist() == [5.0, 6.0]
+    with pytest.raises(ValueError, match="unknown attribution_id"):
+        db.add_sample_metrics([ig["attribution_id"][0], 10_000], "x", [1.0, 2.0])
+    assert count(db.path, "sample_metrics") == 40  # all-or-nothing
+
+    m, s = int(ig["model_id"][0]), int(ig["setting_id"][0])
+    curve = np.array([0.9, 0.5, np.nan])
+    db.add_summary_metric(m, s, "synthetic-seed0", 8, "test", "deletion_auc", np.float32(0.25), 16,
+                          {"curve": curve, "per_class": {"disk": np.float64(0.5)}, "layers": ("fc", "conv1")})
+    db.add_summary_metric(m, None, "synthetic-seed0", 8, "test", "agreement", 0.1, 40, {})
+    db.add_summary_metric(m, None, "synthetic-seed0", 8, "test", "agreement", 0.2, 41, {})  # replaces
+    rows = db.summary_metrics()
+    assert [(r["method"], r["setting_id"], r["name"], r["value"], r["n"]) for r in rows] == [
+        (None, None, "agreement", 0.2, 41), ("ig", s, "deletion_auc", 0.25, 16)]
+    assert rows[1]["detail"] == {"curve": [0.9, 0.5, None], "per_class": {"disk": 0.5}, "layers": ["fc", "conv1"]}
+    assert rows[1]["sha256"] == sha("a")[:12] and rows[1]["params"] == '{"steps":8}'
+    assert db.summary_metrics(model_id=m + 1) == []
+    with pytest.raises(ValueError, match="unknown model_id"):
+        db.add_summary_metric(m + 1, s, "d", 8, "test", "x", 0.0, 1)
+
+
+def test_rewritten_map_drops_the_metrics_computed_from_it(populated):
+    """Stored numbers must describe stored maps: a new map for a key invalidates its metrics."""
+    db, ref = populated
+    ig = db.maps(method="ig")
+    m, s = int(ig["model_id"][0]), int(ig["setting_id"][0])
+    db.add_sample_metrics(ig["attribution_id"], "deletion_auc", np.zeros(40))
+    db.add_summary_metric(m, s, "synthetic-seed0", 8, "test", "deletion_auc", 0.0, 40)
+    db.add_summary_metric(m, None, "synthetic-seed0", 8, "test", "agreement", 0.0, 40)
+    db.add_summary_metric(m, s, "other", 8, "test", "deletion_auc", 0.0, 40)
+    first = slice(0, 1)
+    sid = db.add_samples("synthetic-seed0", 8, "test", ig["index"][first], ig["label"][first])
+    # The same map again: nothing changes, the metrics stay.
+    db.add_attributions(m, s, sid, ig["target"][first], ig["predicted"][first], ig["confidence"][first],
+                        ig["maps"][first], deltas=ig["delta"][first])
+    assert count(db.path, "sample_metrics") == 40 and count(db.path, "summary_metrics") == 3
+    # A different map: its per-map metric and the summaries of its data set go, the rest stays.
+    db.add_attributions(m, s, sid, ig["target"][first], ig["predicted"][first], ig["confidence"][first],
+                        ig["maps"][first] + 1, deltas=ig["delta"][first])
+    left = db.sample_metrics("deletion_auc")
+    assert len(left["value"]) == 39 and ig["attribution_id"][0] not in left["attribution_id"]
+    assert [(r["dataset"], r["name"]) for r in db.summary_metrics()] == [("other", "deletion_auc")]

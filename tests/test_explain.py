@@ -33,12 +33,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(autouse=True)
-def small_split(monkeypatch):
-    """explain.main loads the checkpoint's synthetic data: make its test split 60 images."""
-    monkeypatch.setattr(X, "load_data", lambda *a, **k: D.load_data(*a, synthetic_sizes=SYNTHETIC_SIZES, **k))
-
-
 @pytest.fixture(scope="module")
 def split() -> D.Split:
     return D.load_data("synthetic", 28, "data", ("test",), seed=0, synthetic_sizes=SYNTHETIC_SIZES).splits["test"]
@@ -47,7 +41,8 @@ def split() -> D.Split:
 def _save(path: Path, name: str, net: torch.nn.Module) -> Path:
     """A checkpoint in the layout train.py writes."""
     cfg = {"dataset": "synthetic", "size": 28, "data_dir": "data", "model": name, "pretrained": False,
-           "epochs": 1, "batch_size": 32, "lr": 1e-3, "seed": 0, "device": "cpu"}
+           "epochs": 1, "batch_size": 32, "lr": 1e-3, "seed": 0, "device": "cpu",
+           "synthetic_sizes": ",".join(map(str, SYNTHETIC_SIZES))}  # explain.main rebuilds this test split
     arch = {"in_channels": 3, "num_classes": 9, "task": "multi-class", "class_names": list(D.SYNTHETIC_CLASSES),
             "flag": "synthetic", "data_source": "synthetic"}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -379,18 +374,11 @@ def test_bad_indices_raise_data_error(ckpt, tmp_path, indices):
     assert not (tmp_path / "x.db").exists()
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "explain.select: --indices is parsed with int() without a check, so '3,x' (or a trailing comma "
-    "'3,') raises a bare ValueError with a traceback instead of a one-line data.DataError"))
 def test_unparsable_indices_raise_data_error(ckpt, tmp_path):
     with pytest.raises(D.DataError):
         cli(ckpt["lightcnn"], tmp_path / "x.db", "--indices", "3,x")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "explain.main -> plot_examples: an empty selection (here --indices I --only-errors with image I "
-    "classified correctly) reaches plt.subplots(0, 3), which raises 'Number of rows must be a positive "
-    "integer, not 0'; expected: write no maps and skip the figures (or a one-line DataError)"))
 def test_empty_selection_with_figures(ckpt, split, light_pred, tmp_path):
     right = int(np.flatnonzero(light_pred.argmax(1) == split.labels.numpy())[0])
     run = tmp_path / "run"
@@ -493,10 +481,6 @@ def test_smoothgrad(nets, split, light_pred):
     torch.testing.assert_close(same_delta, plain_delta, rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "explain.smoothgrad draws NoiseTunnel's noise from the global torch RNG, which explain.main never "
-    "seeds, so a resumed run stores different SmoothGrad maps than a clean one (contrary to explain()'s "
-    "docstring); needs a generator seeded per chunk (e.g. from the model seed and the chunk's sample ids)"))
 def test_smoothgrad_resume_is_reproducible(ckpt, tmp_path, monkeypatch):
     args = ("--methods", "smoothgrad", "--batch-size", 2, "--n", 4, "--ig-steps", 4, "--nt-samples", 2)
     real, calls = X.METHODS["smoothgrad"], []

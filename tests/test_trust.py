@@ -1,0 +1,265 @@
+"""explain.py --trust on constructed cases: Spearman with ties, the sanity check against methods that
+ignore the model, relevance mass and pointing game against masks, deletion/insertion with a model
+whose evidence is known, IG completeness against the step count, and the whole command end to end."""
+import contextlib
+import shutil
+import sqlite3
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data as D
+import explain as X
+import model as M
+from db import ExplanationDB
+
+SYNTHETIC_SIZES = (10, 10, 40)
+
+
+@pytest.fixture(scope="module")
+def net() -> torch.nn.Module:
+    """A LightCNN whose frozen random features feed a classifier head fitted for a moment (as in
+    test_explain.py: full training is too slow on CPU for a unit test); seeded, so reproducible."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = M.build_model("lightcnn").eval()
+        train = D.load_data("synthetic", 28, "data", ("train",), seed=0, synthetic_sizes=(200, 10, 40)).splits["train"]
+        with torch.no_grad():
+            h = net.classifier[:5](net.features(D.normalize(train.images)))
+        head = net.classifier[5]
+        opt = torch.optim.Adam(head.parameters(), lr=2e-2)
+        for _ in range(100):
+            opt.zero_grad()
+            F.cross_entropy(head(h), train.labels).backward()
+            opt.step()
+    return net
+
+
+@pytest.fixture(scope="module")
+def split() -> D.Split:
+    return D.load_data("synthetic", 28, "data", ("test",), seed=0, synthetic_sizes=SYNTHETIC_SIZES).splits["test"]
+
+
+def predicted(net, images) -> torch.Tensor:
+    with torch.no_grad():
+        return net(D.normalize(images)).argmax(1)
+
+
+# ----------------------------------------------------------------------------- Spearman
+
+def test_spearman_hand_case_with_ties():
+    # a ranks (1, 2.5, 2.5, 4), b ranks (1, 3, 2, 4): centred (-1.5, 0, 0, 1.5) and (-1.5, .5, -.5, 1.5),
+    # so rho = 4.5 / sqrt(4.5 * 5) = 3 / sqrt(10).
+    np.testing.assert_array_equal(X.average_ranks(np.array([[1.0, 2, 2, 3], [3, 1, 3, 3]])),
+                                  [[1, 2.5, 2.5, 4], [3, 1, 3, 3]])
+    rho = X.spearman(np.array([[1.0, 2, 2, 3], [0, 1, 2, 3], [5, 5, 5, 5]]),
+                     np.array([[1.0, 3, 2, 4], [3, 2, 1, 0], [1, 2, 3, 4]]))
+    np.testing.assert_allclose(rho[:2], [3 / np.sqrt(10), -1.0], rtol=1e-12)
+    assert np.isnan(rho[2])  # a constant map has no ranking
+    # Monotone transforms keep it at 1; maps (N, H, W) are flattened per image.
+    m = np.random.default_rng(0).standard_normal((3, 5, 5))
+    np.testing.assert_allclose(X.spearman(m, np.exp(m)), 1.0, rtol=1e-12)
+
+
+def test_spearman_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, 4, (6, 50)).astype(float), rng.standard_normal((6, 50))  # many ties in a
+    expected = [stats.spearmanr(x, y).statistic for x, y in zip(a, b)]
+    np.testing.assert_allclose(X.spearman(a, b), expected, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------- sanity check
+
+def test_randomisation_stages_run_from_the_output_by_block():
+    stages = X.randomisation_stages(M.build_model("lightcnn"))
+    assert [s for s, _ in stages] == ["classifier.5", "classifier.2", "features.4", "features.3",
+                                      "features.1", "features.0"]
+    assert stages[2][1] == ["features.4.0", "features.4.1"]  # conv and its BatchNorm together
+    names = [s for s, _ in X.randomisation_stages(M.build_model("resnet50", size=28))]
+    assert names[:2] == ["fc", "layer4.2"] and names[-3:] == ["layer1.0", "bn1", "conv1"] and len(names) == 19
+
+
+@pytest.mark.parametrize("control", sorted(X.CONTROLS))
+def test_sanity_check_flags_maps_that_ignore_the_model(net, split, control):
+    """The input itself and a Sobel edge map stay perfectly correlated however random the model gets."""
+    images, t = split.images[:8], predicted(net, split.images[:8])
+    cfg = X.ExplainConfig(batch_size=4)
+    original, _ = X.attribute(X.CONTROLS[control], net, None, images, t, cfg, "cpu")
+    out = X.sanity_check(net, None, X.CONTROLS[control], images, t, original, cfg, "cpu")
+    assert len(out["layers"]) == 7 and out["layers"][0] == "none"
+    np.testing.assert_allclose(out["abs"], 1.0, rtol=1e-9)
+    np.testing.assert_allclose(out["signed"], 1.0, rtol=1e-9)
+
+
+# Measured (8 test images, IG 4 steps / Grad-CAM): mean Spearman of |map| after randomising every
+# layer 0.03 (IG) and 0.16 (Grad-CAM), signed -0.01 and 0.16; already 0.02 and 0.33 after the last
+# Linear alone (only the head of this net is trained). Stage "none" recomputes the intact model: 1.
+@pytest.mark.parametrize("method", ["ig", "gradcam"])
+def test_sanity_check_decorrelates_methods_that_use_the_model(net, split, method):
+    images, t = split.images[:8], predicted(net, split.images[:8])
+    cfg = X.ExplainConfig(batch_size=8, ig_steps=4)
+    layer = "features.4" if method == "gradcam" else None
+    module = net.get_submodule(layer) if layer else None
+    original, _ = X.attribute(X.METHODS[method], net, module, images, t, cfg, "cpu")
+    before = [p.detach().clone() for p in net.parameters()]
+    out = X.sanity_check(net, layer, X.METHODS[method], images, t, original, cfg, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # randomised a copy only
+    assert out["abs"][0] > 0.99 and out["signed"][0] > 0.99
+    assert out["abs"][-1] < 0.3 and out["signed"][-1] < 0.3, out
+    assert out["last_abs"].shape == (8,)
+
+
+# ----------------------------------------------------------------------------- localisation
+
+def test_relevance_mass_and_pointing_game():
+    masks = torch.zeros(4, 10, 10, dtype=torch.bool)
+    masks[:, 2:5, 3:9] = True  # 18 of 100 pixels
+    scores = torch.stack([masks[0].float(),                        # the mask itself
+                          torch.full((10, 10), 0.7),               # uniform
+                          torch.zeros(10, 10).index_put_((torch.tensor(3), torch.tensor(4)), torch.tensor(5.0)),
+                          -torch.ones(10, 10)])                    # nothing positive
+    scores[2, 0, 0] = 4.0  # the peak (5 at row 3, col 4) is inside; a lower bump outside
+    out = X.localisation(scores, masks)
+    assert out["relevance_mass"][0] == 1.0
+    assert abs(out["relevance_mass"][1] - 0.18) < 1e-6
+    assert abs(out["relevance_mass"][2] - 5 / 9) < 1e-12
+    assert torch.isnan(out["relevance_mass"][3])  # undefined, not 0 or 1
+    assert out["pointing_game"][:3].tolist() == [1.0, pytest.approx(0.18), 1.0]
+    assert out["pointing_game"][3] == pytest.approx(0.18)  # all tied: a random pick
+    np.testing.assert_allclose(out["area"], 0.18)
+    scores[2, 0, 0] = 6.0  # now the peak is outside
+    assert X.localisation(scores, masks)["pointing_game"][2] == 0.0
+
+
+# ----------------------------------------------------------------------------- deletion / insertion
+
+class RegionModel(torch.nn.Module):
+    """Class 0's logit is 4 x the mean input inside a fixed 8x8 region; class 1's is 0."""
+
+    def forward(self, x):
+        z = 4 * x[:, :, 4:12, 10:18].mean((1, 2, 3))
+        return torch.stack([z, torch.zeros_like(z)], 1)
+
+
+def test_deletion_of_an_ideal_map_drops_faster_than_a_random_order():
+    g = torch.Generator().manual_seed(0)  # a bright region on a dark background: blurring dims it
+    images = torch.randint(0, 60, (6, 3, 28, 28), generator=g, dtype=torch.uint8)
+    images[:, :, 4:12, 10:18] = torch.randint(200, 256, (6, 3, 8, 8), generator=g, dtype=torch.uint8)
+    ideal = torch.zeros(6, 28, 28)
+    ideal[:, 4:12, 10:18] = 1.0
+    t = torch.zeros(6, dtype=torch.int64)
+    cfg = X.ExplainConfig(curve_steps=20, batch_size=4)
+    net = RegionModel()
+    curves = X.deletion_insertion(net, images, t, ideal, cfg, "cpu")
+    assert all(c.shape == (6, 21) for c in curves.values())
+    x = D.normalize(images)
+    p = lambda z: torch.softmax(net(z), 1)[:, 0]
+    for order in ("", "_random"):  # the curves start and end where they must
+        torch.testing.assert_close(curves["deletion" + order][:, 0], p(x))
+        torch.testing.assert_close(curves["deletion" + order][:, -1], p(X.make_baseline(x, "black")))
+        torch.testing.assert_close(curves["insertion" + order][:, 0], p(X.make_baseline(x, "blur")))
+        torch.testing.assert_close(curves["insertion" + order][:, -1], p(x))
+    auc = {k: X.curve_auc(c) for k, c in curves.items()}
+    # The region is 64 of 784 pixels: the ideal order has removed it after 1/12 of the axis.
+    assert (auc["deletion"] < auc["deletion_random"] - 0.2).all(), auc
+    assert (auc["insertion"] > auc["insertion_random"] + 0.2).all(), auc
+    assert (curves["deletion"][:, 2:] < 0.02).all()
+    # Ties (the 720 zeros) fall in a fixed random order: rerunning gives the same curves.
+    again = X.deletion_insertion(net, images, t, ideal, cfg, "cpu")
+    assert all(torch.equal(curves[k], again[k]) for k in curves)
+
+
+def test_curve_auc_trapezoid():
+    c = torch.tensor([[1.0, 0.5, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
+    np.testing.assert_allclose(X.curve_auc(c).numpy(), [0.5, 1.0, 0.5])
+
+
+# ----------------------------------------------------------------------------- completeness
+
+def test_completeness_improves_with_steps(net, split):
+    images, t = split.images[:3], predicted(net, split.images[:3])
+    cfg = X.ExplainConfig(ig_steps=8, trust_steps="32,2,8", trust_tol=0.02)
+    _, stored = X.attribute(X.integrated_gradients, net, None, images, t, cfg, "cpu")
+    out = X.steps_needed(net, images, t, stored, cfg, "cpu")
+    assert out["steps"] == [2, 8, 32]
+    assert out["below_tol"][2] >= out["below_tol"][0] and out["median"][2] < out["median"][0], out
+    assert out["recomputed_minus_stored"] < 1e-5  # the same batch: the same deltas
+    assert out["needed"] in out["steps"] or np.isnan(out["needed"])
+    if not np.isnan(out["needed"]):
+        assert out["below_tol"][out["steps"].index(out["needed"])] >= 0.95
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def checkpoint(net, tmp_path_factory):
+    """The head-fitted LightCNN in the layout train.py writes."""
+    path = tmp_path_factory.mktemp("run") / "best.pt"
+    M.save_checkpoint(path, {"model": net.state_dict(),
+                             "config": {"dataset": "synthetic", "size": 28, "data_dir": "data", "model": "lightcnn",
+                                        "seed": 0, "synthetic_sizes": ",".join(map(str, SYNTHETIC_SIZES))},
+                             "arch": {"in_channels": 3, "num_classes": 9}})
+    return path
+
+
+def test_trust_end_to_end(checkpoint, split, net, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint.parent, run)
+    db = tmp_path / "x.db"
+    args = ["--checkpoint", str(run / "best.pt"), "--db", str(db), "--device", "cpu", "--trust", "--trust-n", "16",
+            "--n", "32", "--ig-steps", "4", "--trust-steps", "2,4", "--curve-steps", "5"]
+    out = X.main(args)
+    printed = capsys.readouterr().out
+    for name in ("sanity_check", "deletion_insertion", "localisation"):
+        assert (run / "images" / f"{name}.png").stat().st_size > 10_000
+    assert "IG vs Grad-CAM Spearman" in printed and "edge (ctl)" in printed
+
+    with ExplanationDB(db) as d:
+        summary = {(r["method"], r["name"]): r for r in d.summary_metrics()}
+        per_ig = {n: d.sample_metrics(n, method="ig") for n in ("rel_delta", "deletion_auc", "relevance_mass")}
+        ig = d.maps(method="ig")
+    names = {"sanity_spearman", "deletion_auc", "insertion_auc", "relevance_mass", "pointing_game"}
+    assert {n for m, n in summary if m == "gradcam"} == names
+    assert {n for m, n in summary if m == "ig"} == names | {"rel_delta", "steps_for_tol", "deletion_auc_abs",
+                                                             "insertion_auc_abs"}
+    assert {n for m, n in summary if m is None} == {"agreement_ig_gradcam", "sanity_control_edge"}
+    assert summary[None, "sanity_control_edge"]["value"] == pytest.approx(1.0)
+    assert out["trust"] and len(out["trust"]) == len(summary)
+
+    # The numbers describe what is stored: per-map values aggregate to the summary ...
+    dele = summary["ig", "deletion_auc"]
+    assert dele["n"] == 16 and len(per_ig["deletion_auc"]["value"]) == 16
+    assert dele["value"] == pytest.approx(per_ig["deletion_auc"]["value"].mean())
+    assert len(dele["detail"]["curve"]) == 6 and dele["detail"]["fractions"][-1] == 1.0
+    rel = per_ig["rel_delta"]["value"]
+    assert len(rel) == 32 and summary["ig", "rel_delta"]["value"] == pytest.approx(np.nanmedian(rel))
+    # ... and the relative deltas are the stored deltas over recomputed logit differences.
+    x, t = D.normalize(split.images[ig["index"]]), torch.from_numpy(ig["target"])
+    with torch.no_grad():
+        gap = (net(x) - net(X.make_baseline(x, "black"))).gather(1, t[:, None])[:, 0].double().numpy()
+    np.testing.assert_allclose(rel, np.abs(ig["delta"]) / np.abs(gap), rtol=1e-5)
+    assert summary["ig", "steps_for_tol"]["detail"]["recomputed_minus_stored"] < 1e-4
+    mass = per_ig["relevance_mass"]
+    own = mass["target"] == mass["label"]  # only maps of the true class are scored against the mask
+    assert np.isnan(mass["value"][~own]).all() and np.isfinite(mass["value"][own]).all()
+    assert summary["ig", "relevance_mass"]["n"] == own.sum()
+
+    # A rerun replaces rows instead of adding any. Fewer --trust-n images keep it quick: the
+    # metrics over all 32 maps come out the same, those of the first 4 images are overwritten.
+    def counts():
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            return [conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                    for t in ("attributions", "sample_metrics", "summary_metrics")]
+    before = counts()
+    X.main([*args[:args.index("--trust-n")], "--trust-n", "4", *args[args.index("--n"):], "--no-figures"])
+    assert counts() == before
+    with ExplanationDB(db) as d:
+        again = {(r["method"], r["name"]): r for r in d.summary_metrics()}
+    assert again.keys() == summary.keys()
+    for key in [("ig", "rel_delta"), ("ig", "relevance_mass"), ("gradcam", "pointing_game"),
+                (None, "agreement_ig_gradcam")]:
+        assert again[key]["value"] == summary[key]["value"] and again[key]["n"] == summary[key]["n"]
+    assert again["ig", "deletion_auc"]["n"] == 4
