@@ -57,6 +57,7 @@ class Data:
     n_channels: int
     source: str                # the file the data came from, or how it was generated
     splits: dict[str, Split]
+    name: str = ""             # for figures and the database: "pathmnist_64", "synthetic-seed0", a file's stem
 
     @property
     def num_classes(self) -> int:
@@ -138,7 +139,7 @@ def load_data(dataset: str = "pathmnist", size: int = 28, data_dir: str | os.Pat
         arrays = make_synthetic(size, seed, dict(zip(SPLITS, synthetic_sizes)), splits)
         source = f"synthetic (seed {seed}, {'/'.join(map(str, synthetic_sizes))} train/val/test)"
         return Data("synthetic", size, "multi-class", list(SYNTHETIC_CLASSES), 3, source,
-                    _validate(arrays, source, splits, 9, 3, size, "multi-class"))
+                    _validate(arrays, source, splits, 9, 3, size, "multi-class"), f"synthetic-seed{seed}")
     info = medmnist_info(dataset)
     path = Path(data_dir)
     if path.suffix != ".npz":
@@ -156,7 +157,7 @@ def load_data(dataset: str = "pathmnist", size: int = 28, data_dir: str | os.Pat
     n_labels = len(class_names) if task.startswith("multi-label") else None
     return Data(dataset, size, task, class_names, info["n_channels"], str(path),
                 _validate(_read_npz(path, splits), str(path), splits, len(class_names),
-                          info["n_channels"], size, task, n_labels))
+                          info["n_channels"], size, task, n_labels), path.stem)
 
 
 def parse_split_sizes(text: str) -> tuple[int, int, int] | None:

@@ -415,7 +415,7 @@ def main(argv=None) -> dict:
     # Scores and labels: from a score file, or by running the checkpoint's model on the split.
     ev = scores_from_csv(cfg) if cfg.predictions else scores_from_checkpoint(cfg)
     metrics = compute_metrics(ev.labels, ev.scores, ev.task, ev.class_names)
-    print(f"{cfg.split} split of {ev.flag}: {ev.source}")
+    print(f"{cfg.split} split of {ev.name}: {ev.source}")
     print_report(metrics, ev.class_names)
 
     # Outputs: metrics JSON, MedMNIST's standard score file, and the figures.
@@ -427,7 +427,7 @@ def main(argv=None) -> dict:
     json_path.write_text(json.dumps(_nan_to_none(record), indent=2, allow_nan=False) + "\n")
     write_scores_csv(ev.scores, out, ev.flag, ev.size, cfg.split, metrics["acc"],
                      metrics["auc"], cfg.run or out.resolve().name)
-    what = f"{ev.flag} {cfg.split} split, n={metrics['n']}"
+    what = f"{ev.name} {cfg.split} split, n={metrics['n']}"
     plot_roc_curves(ev.labels, ev.scores, ev.class_names, out / "images" / "roc_curves.png",
                     f"One-vs-rest ROC curves ({what})")
     if ev.task != MULTI_LABEL:
@@ -439,7 +439,7 @@ def main(argv=None) -> dict:
         k = min(16, len(pred))
         plot_samples(ev.images[:k], _as_label_vector(ev.labels)[:k], pred[:k], confidence[:k],
                      ev.class_names, out / "images" / f"{cfg.split}_samples.png",
-                     f"First {k} images of the {ev.flag} {cfg.split} split: true vs predicted "
+                     f"First {k} images of the {ev.name} {cfg.split} split: true vs predicted "
                      "(mistakes in red)")
     print(f"wrote {json_path}, the MedMNIST score file and {out / 'images'}/*.png")
     return metrics
@@ -457,6 +457,7 @@ class Scored:
     images: torch.Tensor | None  # uint8 (N, C, H, W), None when only a score file was given
     source: str
     default_out: Path
+    name: str  # what figures call the data: the flag, or the file it came from
 
 
 def scores_from_checkpoint(cfg: EvalConfig) -> Scored:
@@ -469,7 +470,7 @@ def scores_from_checkpoint(cfg: EvalConfig) -> Scored:
     scores = predict(model, split.images, cfg.batch_size, device, data.task)
     return Scored(data.flag, data.size, data.task, data.class_names, split.labels.numpy(), scores,
                   split.images, f"{cfg.checkpoint} on {data.source}",
-                  default_out=Path(cfg.checkpoint).resolve().parent)
+                  default_out=Path(cfg.checkpoint).resolve().parent, name=data.name)
 
 
 def scores_from_csv(cfg: EvalConfig) -> Scored:
@@ -493,7 +494,7 @@ def scores_from_csv(cfg: EvalConfig) -> Scored:
         raise ScoresFileError(f"{cfg.predictions}: {scores.shape[1]} score columns but {cfg.dataset} has "
                               f"{len(class_names)} classes; pass the matching --dataset")
     return Scored(cfg.dataset, cfg.size, task, class_names, labels, scores, images, source,
-                  default_out=Path("eval"))
+                  default_out=Path("eval"), name=Path(cfg.predictions).stem)
 
 
 def _nan_to_none(obj):
