@@ -14,6 +14,7 @@ target) holds the map as a float16/float32 blob, so thousands of maps can be que
         db.add_sample_metrics(rows["attribution_id"], "deletion_auc", aucs)   # trust metrics per map
         db.add_summary_metric(m, s, "pathmnist", 28, "test", "deletion_auc", aucs.mean(), len(aucs),
                               {"curve": mean_curve})
+        counts = db.merge_from("shard2.db")   # another file's rows, ids remapped; twice adds nothing
 """
 from __future__ import annotations
 
@@ -101,6 +102,7 @@ _UPSERT = """INSERT INTO attributions(model_id, setting_id, sample_id, target, p
         predicted = excluded.predicted, confidence = excluded.confidence, delta = excluded.delta,
         dtype = excluded.dtype, shape = excluded.shape, map = excluded.map,
         raw_shape = excluded.raw_shape, raw = excluded.raw, created_at = excluded.created_at"""
+_INSERT_NEW = _UPSERT[:_UPSERT.index("DO UPDATE")] + "DO NOTHING"
 _SAMPLE_METRICS = f"""SELECT {", ".join(_COLUMNS.values())}, v.value
     FROM sample_metrics v JOIN attributions a ON a.id = v.attribution_id
         JOIN settings s ON s.id = a.setting_id JOIN samples x ON x.id = a.sample_id"""
@@ -114,6 +116,69 @@ _SUMMARY = """SELECT m.name, substr(m.checkpoint_sha256, 1, 12), s.method, s.par
     GROUP BY a.model_id, a.setting_id, x.dataset, x.size, x.split
     ORDER BY m.name, a.model_id, s.method, s.params_json, x.dataset, x.size, x.split"""
 
+# merge_from(): the source is attached as "src"; its rows are matched to this file's by natural key.
+_MERGE_LABELS = """SELECT s.dataset, s.size, s.split, s.idx, s.label, d.label FROM src.samples s
+    JOIN main.samples d ON d.dataset = s.dataset AND d.size = s.size AND d.split = s.split AND d.idx = s.idx
+    WHERE d.label != s.label LIMIT 1"""
+_MERGE_PARENTS = {  # WHERE true: without it SQLite would read ON CONFLICT as a join constraint
+    "models": """INSERT INTO main.models(checkpoint_sha256, name, config_json, created_at)
+        SELECT checkpoint_sha256, name, config_json, created_at FROM src.models WHERE true ON CONFLICT DO NOTHING""",
+    "settings": """INSERT INTO main.settings(method, params_json)
+        SELECT method, params_json FROM src.settings WHERE true ON CONFLICT DO NOTHING""",
+    "samples": """INSERT INTO main.samples(dataset, size, split, idx, label)
+        SELECT dataset, size, split, idx, label FROM src.samples WHERE true ON CONFLICT DO NOTHING"""}
+# Per source map: this file's ids, the row already stored under its key (dest_id) and whether that
+# row holds the same map (same: 1) or another one (a conflict: this file's row is kept).
+_MERGE_KEYS = """CREATE TEMP TABLE merge_keys AS
+    SELECT a.id AS src_id, dm.id AS model_id, ds.id AS setting_id, dx.id AS sample_id, a.target AS target,
+        d.id AS dest_id, (d.map IS a.map AND d.dtype IS a.dtype AND d.shape IS a.shape AND d.raw IS a.raw
+                          AND d.raw_shape IS a.raw_shape AND d.delta IS a.delta) AS same
+    FROM src.attributions a
+    JOIN src.models sm ON sm.id = a.model_id JOIN main.models dm ON dm.checkpoint_sha256 = sm.checkpoint_sha256
+    JOIN src.settings ss ON ss.id = a.setting_id
+    JOIN main.settings ds ON ds.method = ss.method AND ds.params_json = ss.params_json
+    JOIN src.samples sx ON sx.id = a.sample_id
+    JOIN main.samples dx ON dx.dataset = sx.dataset AND dx.size = sx.size AND dx.split = sx.split AND dx.idx = sx.idx
+    LEFT JOIN main.attributions d
+        ON d.model_id = dm.id AND d.setting_id = ds.id AND d.sample_id = dx.id AND d.target = a.target"""
+_MERGE_MAPS = """INSERT INTO main.attributions(model_id, setting_id, sample_id, target, predicted, confidence,
+        delta, dtype, shape, map, raw_shape, raw, created_at)
+    SELECT k.model_id, k.setting_id, k.sample_id, k.target, a.predicted, a.confidence, a.delta, a.dtype,
+        a.shape, a.map, a.raw_shape, a.raw, a.created_at
+    FROM temp.merge_keys k JOIN src.attributions a ON a.id = k.src_id WHERE k.dest_id IS NULL
+    ON CONFLICT DO NOTHING"""
+_MERGE_NEW_IDS = """UPDATE temp.merge_keys SET same = 1, dest_id = (SELECT d.id FROM main.attributions d
+    WHERE d.model_id = merge_keys.model_id AND d.setting_id = merge_keys.setting_id
+        AND d.sample_id = merge_keys.sample_id AND d.target = merge_keys.target) WHERE dest_id IS NULL"""
+# Metrics describe maps: a source metric follows only a map this file now holds identically.
+_MERGE_SAMPLE_METRICS = """CREATE TEMP TABLE merge_sample_metrics AS
+    SELECT k.dest_id AS attribution_id, v.name AS name, v.value AS value, k.same AS ok,
+        EXISTS (SELECT 1 FROM main.sample_metrics d WHERE d.attribution_id = k.dest_id AND d.name = v.name
+                AND d.value IS v.value) AS present
+    FROM src.sample_metrics v JOIN temp.merge_keys k ON k.src_id = v.attribution_id"""
+# ... and an aggregate only where no map of its (model, setting, data) kept this file's other version.
+_MERGE_SUMMARY_METRICS = """CREATE TEMP TABLE merge_summary_metrics AS
+    SELECT dm.id AS model_id, coalesce(ds.id, 0) AS setting_id, v.dataset, v.size, v.split, v.name, v.value,
+        v.n, v.detail_json, v.created_at,
+        NOT EXISTS (SELECT 1 FROM temp.merge_keys k JOIN main.samples x ON x.id = k.sample_id
+                    WHERE NOT k.same AND k.model_id = dm.id AND (v.setting_id = 0 OR k.setting_id = ds.id)
+                        AND x.dataset = v.dataset AND x.size = v.size AND x.split = v.split) AS ok,
+        EXISTS (SELECT 1 FROM main.summary_metrics d WHERE d.model_id = dm.id
+                AND d.setting_id = coalesce(ds.id, 0) AND d.dataset = v.dataset AND d.size = v.size
+                AND d.split = v.split AND d.name = v.name AND d.value IS v.value AND d.n = v.n
+                AND d.detail_json = v.detail_json) AS present
+    FROM src.summary_metrics v
+    JOIN src.models sm ON sm.id = v.model_id JOIN main.models dm ON dm.checkpoint_sha256 = sm.checkpoint_sha256
+    LEFT JOIN src.settings ss ON ss.id = v.setting_id
+    LEFT JOIN main.settings ds ON ds.method = ss.method AND ds.params_json = ss.params_json"""
+_MERGE_METRICS = {
+    "sample_metrics": """INSERT INTO main.sample_metrics(attribution_id, name, value)
+        SELECT attribution_id, name, value FROM temp.merge_sample_metrics WHERE ok ON CONFLICT DO NOTHING""",
+    "summary_metrics": """INSERT INTO main.summary_metrics(model_id, setting_id, dataset, size, split, name,
+            value, n, detail_json, created_at)
+        SELECT model_id, setting_id, dataset, size, split, name, value, n, detail_json, created_at
+        FROM temp.merge_summary_metrics WHERE ok ON CONFLICT DO NOTHING"""}
+
 
 class DatabaseError(Exception):
     """The file cannot be used (damaged, foreign, newer schema, locked, read-only); one-line message."""
@@ -124,13 +189,12 @@ class ExplanationDB:
 
     def __init__(self, path: str | os.PathLike, timeout: float = 30.0):
         """Open or create `path`, refusing foreign, damaged or newer files before writing anything."""
-        self.path = os.fspath(path)
+        self.path, self.timeout = os.fspath(path), timeout
         if os.path.isfile(self.path) and os.path.getsize(self.path) > 0:
             # Read-only first, so a file that turns out not to be ours stays byte-identical.
-            uri = Path(self.path).resolve().as_uri() + "?mode=ro"
             try:
-                with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=timeout)) as ro:
-                    self._check(ro)
+                with contextlib.closing(sqlite3.connect(_uri(self.path, "ro"), uri=True, timeout=timeout)) as ro:
+                    _check_header(ro, self.path)
             except sqlite3.Error as e:
                 raise _db_error(self.path, e) from e
         try:
@@ -144,7 +208,7 @@ class ExplanationDB:
             self._conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL, much faster commits
             # Check again under the write lock: another process may have created the file meanwhile.
             with self._transaction() as conn:
-                for version in range(self._check(conn), SCHEMA_VERSION):
+                for version in range(_check_header(conn, self.path), SCHEMA_VERSION):
                     for statement in _statements(MIGRATIONS[version]):
                         conn.execute(statement)
                 # Written even when up to date: SQLite silently opens an unwritable file read-only
@@ -165,19 +229,6 @@ class ExplanationDB:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def _check(self, conn: sqlite3.Connection) -> int:
-        """Return the file's schema version; raise DatabaseError if it is foreign or too new."""
-        app = conn.execute("PRAGMA application_id").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        n_objects = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        if app != APPLICATION_ID and (app != 0 or n_objects):  # app 0 and nothing inside: empty
-            raise DatabaseError(f"{self.path}: not an explanations database (application_id {app}, "
-                                f"{n_objects} schema objects); pass another --db path or move this file away")
-        if version > SCHEMA_VERSION:
-            raise DatabaseError(f"{self.path}: schema version {version} is newer than this code's "
-                                f"{SCHEMA_VERSION}; update the code or use another --db")
-        return version
 
     @contextlib.contextmanager
     def _transaction(self):
@@ -247,11 +298,14 @@ class ExplanationDB:
         return set(rows)
 
     def add_attributions(self, model_id: int, setting_id: int, sample_ids, targets, predicted, confidence,
-                         maps: np.ndarray, deltas=None, raw_maps=None, dtype: str = "float16") -> int:
+                         maps: np.ndarray, deltas=None, raw_maps=None, dtype: str = "float16",
+                         replace: bool = True) -> int:
         """Store a batch of maps (N, ...) in one transaction; a rerun of a key replaces its row.
 
         deltas: IG convergence deltas (NaN or None -> NULL). raw_maps: optional low-resolution maps
-        (N, ...), e.g. Grad-CAM before upsampling. Returns the number of rows written.
+        (N, ...), e.g. Grad-CAM before upsampling. replace=False keeps a row already stored under a key
+        (another process may have written it meanwhile) and inserts only the new keys. Returns the
+        number of rows written.
         """
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -271,11 +325,11 @@ class ExplanationDB:
                                                confidence.tolist(), deltas.tolist(), blobs, raw_blobs)]
         try:
             with self._transaction() as conn:
-                conn.executemany(_UPSERT, rows)
+                written = conn.executemany(_UPSERT if replace else _INSERT_NEW, rows).rowcount
         except sqlite3.IntegrityError as e:
             raise ValueError(f"add_attributions: {e} (unknown model_id, setting_id or sample_id?); "
                              "nothing of this batch was stored") from e
-        return n
+        return n if replace else written
 
     def maps(self, *, model_id: int | None = None, method: str | None = None, setting_id: int | None = None,
              dataset: str | None = None, size: int | None = None, split: str | None = None, indices=None,
@@ -398,6 +452,45 @@ class ExplanationDB:
             out.append(d)
         return out
 
+    def merge_from(self, path: str | os.PathLike) -> dict[str, int]:
+        """Copy every model, setting, sample, map and metric of another explanations database here.
+
+        Rows are matched by natural key (checkpoint hash; method and params; dataset, size, split,
+        index; model, setting, sample, target), so ids are remapped and merging twice adds nothing.
+        Where both files hold a map under one key but the maps differ, this file's row is kept (with
+        its metrics) and counted in map_conflicts; the source's metrics of that map, and its
+        aggregates over that model/setting/data, are left out (metric_conflicts, with the metrics
+        whose values differ). The source is opened read-only and checked first (DatabaseError if
+        missing, foreign, damaged or newer); the copy is one transaction, so an error changes nothing.
+
+        Returns rows added per table (models, settings, samples, maps, sample_metrics,
+        summary_metrics) and maps_present, map_conflicts, metric_conflicts.
+        """
+        source = os.fspath(path)
+        version = check_source(source, into=self.path)
+        # A second connection opened by URI: only then may ATTACH name a URI (mode=ro) everywhere.
+        conn = sqlite3.connect(_uri(self.path), uri=True, timeout=self.timeout, isolation_level=None)
+        try:
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("ATTACH DATABASE ? AS src", (_uri(source, "ro"),))  # not inside a transaction
+            _check_header(conn, source, "src", for_merge=True)  # the file checked is the file read
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                counts = _merge(conn, source, self.path, version)
+                conn.execute("COMMIT")
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+        except sqlite3.Error as e:
+            reason = " ".join(str(e).split())
+            if "locked" in reason or "busy" in reason or "readonly" in reason or "read-only" in reason:
+                raise _db_error(self.path, e) from e
+            raise DatabaseError(f"{source}: cannot be merged into {self.path} ({reason}); nothing was merged; "
+                                "check the file or leave it out of --merge-from") from e
+        finally:
+            conn.close()
+        return counts
+
 
 def _db_error(path: str, exc: sqlite3.Error) -> DatabaseError:
     """Turn an sqlite3 error on `path` into a one-line DatabaseError that says what to do."""
@@ -413,6 +506,102 @@ def _db_error(path: str, exc: sqlite3.Error) -> DatabaseError:
                              "pass another --db path or move this file away")
     return DatabaseError(f"{path}: SQLite error ({reason}); check the file and free disk space, "
                          "or pass another --db")
+
+
+def check_source(path: str | os.PathLike, into: str | os.PathLike | None = None) -> int:
+    """Schema version of an explanations database to merge from, opened read-only (nothing is
+    written); a one-line DatabaseError if it is missing, foreign, damaged (PRAGMA quick_check),
+    newer, or the file `into` itself."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DatabaseError(f"{path}: no such file to merge; check the --merge-from list")
+    if into is not None and os.path.exists(into) and os.path.samefile(path, into):
+        raise DatabaseError(f"{path}: is the database being merged into; leave it out of --merge-from")
+    try:
+        with contextlib.closing(sqlite3.connect(_uri(path, "ro"), uri=True)) as ro:
+            version = _check_header(ro, path, for_merge=True)
+            problems = [row[0] for row in ro.execute("PRAGMA quick_check(3)")]
+    except sqlite3.Error as e:
+        reason = " ".join(str(e).split())
+        raise DatabaseError(f"{path}: not a readable explanations database ({reason}); nothing was merged; "
+                            "leave it out of --merge-from") from e
+    if problems != ["ok"]:
+        raise DatabaseError(f"{path}: damaged ({'; '.join(' '.join(p.split()) for p in problems)}); "
+                            "nothing was merged; leave it out of --merge-from")
+    return version
+
+
+def check_sources(paths, into: str | os.PathLike) -> None:
+    """Everything merge_from() could refuse, for several sources at once and before `into` is written:
+    each file (check_source), then one label per sample across `into` and all sources. A merge that
+    passes this only fails on a lock or a disk error, so a bad file in a list changes no file."""
+    for path in paths:
+        check_source(path, into)
+    labels = {}  # (dataset, size, split, idx) -> (label, file it came from)
+    files = [(os.fspath(into), False)] if os.path.isfile(into) and os.path.getsize(into) else []
+    for path, is_source in files + [(os.fspath(p), True) for p in paths]:
+        try:
+            with contextlib.closing(sqlite3.connect(_uri(path, "ro"), uri=True)) as ro:
+                version = _check_header(ro, path, for_merge=is_source)
+                rows = ro.execute("SELECT dataset, size, split, idx, label FROM samples").fetchall() if version else []
+        except sqlite3.Error as e:
+            raise _db_error(path, e) from e
+        for *key, label in rows:
+            theirs, where = labels.setdefault(tuple(key), (label, path))
+            if theirs != label:
+                raise DatabaseError(f"{path}: sample {'/'.join(map(str, key[:3]))} index {key[3]} has label "
+                                    f"{label} there but {theirs} in {where}: the files explain different data "
+                                    "under one dataset name; nothing was merged")
+
+
+def _check_header(conn: sqlite3.Connection, path: str, schema: str = "main", for_merge: bool = False) -> int:
+    """Return the schema version of `schema` on `conn`; DatabaseError if it is foreign or too new.
+    An empty file (application_id 0, nothing inside) is version 0, to be created; not as a source."""
+    app = conn.execute(f"PRAGMA {schema}.application_id").fetchone()[0]
+    version = conn.execute(f"PRAGMA {schema}.user_version").fetchone()[0]
+    n_objects = conn.execute(f"SELECT count(*) FROM {schema}.sqlite_master").fetchone()[0]
+    away = "leave it out of --merge-from" if for_merge else "pass another --db path or move this file away"
+    if app != APPLICATION_ID and (app != 0 or n_objects or for_merge):  # app 0 and nothing inside: empty
+        raise DatabaseError(f"{path}: not an explanations database (application_id {app}, "
+                            f"{n_objects} schema objects); {away}")
+    if version > SCHEMA_VERSION:
+        update = "update the code to merge it" if for_merge else "update the code or use another --db"
+        raise DatabaseError(f"{path}: schema version {version} is newer than this code's {SCHEMA_VERSION}; {update}")
+    return version
+
+
+def _merge(conn: sqlite3.Connection, source: str, dest: str, version: int) -> dict[str, int]:
+    """The body of merge_from(), inside its transaction; `src` is attached."""
+    clash = conn.execute(_MERGE_LABELS).fetchone()
+    if clash:
+        dataset, size, split, idx, theirs, ours = clash
+        raise DatabaseError(f"{source}: sample {dataset}/{size}/{split} index {idx} has label {theirs} there "
+                            f"but {ours} in {dest}: the files explain different data under one dataset name; "
+                            "nothing was merged")
+    counts = {table: conn.execute(sql).rowcount for table, sql in _MERGE_PARENTS.items()}
+    conn.execute(_MERGE_KEYS)
+    conn.execute("CREATE INDEX temp.merge_keys_src ON merge_keys(src_id)")
+    counts["maps_present"], counts["map_conflicts"] = conn.execute(
+        "SELECT count(*) FILTER (WHERE same), count(*) FILTER (WHERE dest_id IS NOT NULL AND NOT same) "
+        "FROM temp.merge_keys").fetchone()
+    counts["maps"] = conn.execute(_MERGE_MAPS).rowcount
+    conn.execute(_MERGE_NEW_IDS)
+    counts["metric_conflicts"] = 0
+    for table, create in (("sample_metrics", _MERGE_SAMPLE_METRICS), ("summary_metrics", _MERGE_SUMMARY_METRICS)):
+        if version < 2:  # schema 1 had no metric tables
+            counts[table] = 0
+            continue
+        conn.execute(create)
+        total, present = conn.execute(f"SELECT count(*), count(*) FILTER (WHERE ok AND present) "
+                                      f"FROM temp.merge_{table}").fetchone()
+        counts[table] = conn.execute(_MERGE_METRICS[table]).rowcount
+        counts["metric_conflicts"] += total - present - counts[table]
+    return counts
+
+
+def _uri(path: str, mode: str = "rwc") -> str:
+    """file: URI of a path (absolute, percent-encoded), e.g. for mode=ro opening."""
+    return f"{Path(path).resolve().as_uri()}?mode={mode}"
 
 
 def _statements(script: str):

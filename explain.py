@@ -5,10 +5,17 @@
     python explain.py --checkpoint RUN/best.pt --methods smoothgrad --indices 3,14,15
     python explain.py --checkpoint RUN/best.pt --data-dir ../shared/data/pathmnist28_real_test718.npz
     python explain.py --checkpoint RUN/best.pt --trust --trust-n 256    # ... and can the maps be trusted?
+    python explain.py --checkpoint RUN/best.pt --shard 2/4               # this process: the 2nd of 4 slices
+    python explain.py --db all.db --merge-from shard1.db,shard2.db       # copy shard files into one
 
 Every map goes into the database (--db) keyed by checkpoint hash, method settings, sample and target
 class; a rerun skips what is already there, so an interrupted run resumes where it stopped. Figures
 of one example per class are drawn from the database into images/ next to the checkpoint.
+
+--shard K/N splits the selected images into N contiguous slices and explains slice K only, so N
+processes or machines share the work, writing one database (concurrent writers are safe) or one file
+each, joined with --merge-from. Figures and --trust need the whole selection: run once more without
+--shard, which finds every map stored and only draws and measures.
 
 --trust then measures whether the stored maps reflect the model: IG completeness (relative deltas,
 steps needed), the cascading parameter-randomisation sanity check (Adebayo et al., 2018), deletion
@@ -20,7 +27,9 @@ images/sanity_check.png, deletion_insertion.png and localisation.png are drawn.
 from __future__ import annotations
 
 import copy
+import re
 import sys
+import textwrap
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -34,7 +43,7 @@ from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Noi
 from tqdm import tqdm
 
 from data import DataError, data_for_run, normalize
-from db import DatabaseError, ExplanationDB
+from db import DatabaseError, ExplanationDB, check_sources
 from evaluate import predict
 from model import (GRADCAM_LAYERS, CheckpointError, file_sha256, gradcam_layer, load_checkpoint,
                    parse_config, resolve_device)
@@ -68,11 +77,17 @@ class ExplainConfig:
     trust_steps: str = field(default="4,8,16,32,64,128", metadata={"help": "completeness: IG step counts tried on the --trust-n images"})
     curve_steps: int = field(default=20, metadata={"help": "deletion/insertion: K steps along the fraction of pixels switched"})
     trust_seed: int = field(default=0, metadata={"help": "seeds re-initialisation, random pixel orders and tie breaks"})
+    shard: str = field(default="", metadata={"help": "K/N: explain only the K-th of N slices of the selected images (1-based); no figures or --trust"})
+    merge_from: str = field(default="", metadata={"help": "comma-separated databases (e.g. shard files) to copy into --db, then stop; nothing is explained"})
 
     def check(self) -> str | None:
         unknown = set(self.method_list) - set(METHODS)
         if unknown:
             return f"unknown method(s) {sorted(unknown)}; choose from {sorted(METHODS)}"
+        if self.shard and self.shard_kn is None:
+            return f"--shard must be K/N with 1 <= K <= N, got {self.shard!r}"
+        if self.merge_from and (self.shard or not self.merge_list):
+            return "--merge-from takes comma-separated database paths and no --shard"
         if min(self.n, self.ig_steps - 1, self.batch_size - 1, self.nt_samples - 1, self.ig_internal_batch - 1) < 0:
             return "--n must be >= 0; --ig-steps, --batch-size, --nt-samples, --ig-internal-batch >= 1"
         if min(self.trust_n, self.curve_steps) < 1 or not self.trust_tol > 0:
@@ -91,6 +106,17 @@ class ExplainConfig:
     @property
     def method_list(self) -> list[str]:
         return [m.strip() for m in self.methods.split(",") if m.strip()]
+
+    @property
+    def merge_list(self) -> list[str]:
+        return [p.strip() for p in self.merge_from.split(",") if p.strip()]
+
+    @property
+    def shard_kn(self) -> tuple[int, int] | None:
+        """(K, N) from --shard, None if absent or malformed."""
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", self.shard)
+        k, n = (int(m[1]), int(m[2])) if m else (0, 0)
+        return (k, n) if 1 <= k <= n else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,18 +192,29 @@ def _int_list(text: str, flag: str) -> list[int]:
         raise DataError(f"{flag} {text!r}: give comma-separated integers, e.g. 3,14,15") from None
 
 
+def shard_slice(idx: np.ndarray, k: int, n: int) -> np.ndarray:
+    """The K-th (1-based) of N contiguous slices of the selection, sizes differing by at most one.
+
+    By image, before targets are paired with images, so both targets of an image land in one shard;
+    it depends on the selection alone, so a rerun of a shard gets the same slice and the same chunks."""
+    return np.array_split(idx, n)[k - 1]
+
+
 def explain(db, model, layer, x_uint8, work, method, cfg, device, ids) -> int:
     """Run `method` over the work list in fixed chunks of --batch-size, one transaction per chunk.
 
     The chunks do not depend on what is already stored, so a resumed run recomputes a chunk with
-    exactly the same batch as the interrupted run would have: the stored maps are identical.
+    exactly the same batch as the interrupted run would have: the stored maps are identical. What
+    is stored is asked again before each chunk, and a stored map is never replaced: processes that
+    share a database skip what another finished meanwhile, and a map computed in another chunk (a
+    shard's, or a concurrent writer's) stays the map its metrics describe.
     """
     model_id, setting_id = ids
-    done = db.done_targets(model_id, setting_id, np.unique(work["sample_id"]))
     written = 0
     chunks = range(0, len(work["index"]), cfg.batch_size)
     for start in tqdm(chunks, desc=method, unit="batch", disable=None):
         part = {k: v[start:start + cfg.batch_size] for k, v in work.items()}
+        done = db.done_targets(model_id, setting_id, part["sample_id"])
         if all((s, t) in done for s, t in zip(part["sample_id"].tolist(), part["target"].tolist())):
             continue
         x = normalize(x_uint8[torch.from_numpy(part["index"])].to(device))
@@ -188,7 +225,7 @@ def explain(db, model, layer, x_uint8, work, method, cfg, device, ids) -> int:
         written += db.add_attributions(
             model_id, setting_id, part["sample_id"], part["target"], part["predicted"], part["confidence"],
             maps.detach().cpu().numpy(), None if delta is None else delta.detach().cpu().numpy(),
-            None if raw is None else raw.detach().cpu().numpy(), dtype=cfg.store_dtype)
+            None if raw is None else raw.detach().cpu().numpy(), dtype=cfg.store_dtype, replace=False)
     return written
 
 
@@ -209,18 +246,19 @@ def plot_examples(images, rows, class_names, method, path, title) -> None:
         ax0.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
         label, pred = class_names[rows["label"][r]], class_names[rows["predicted"][r]]
         colour = "black" if rows["label"][r] == rows["predicted"][r] else "red"
-        ax0.set_title(f"true: {label}\npred: {pred} (p={rows['confidence'][r]:.2f})", fontsize=8, color=colour)
+        ax0.set_title(textwrap.fill(f"true: {label}", 30) + "\n" + textwrap.fill(
+            f"pred: {pred} (p={rows['confidence'][r]:.2f})", 30), fontsize=7, color=colour)
         if method == "gradcam":
             lim = max(float(m.max()), 1e-12)
             im = ax1.imshow(m, cmap="gray", vmin=0, vmax=lim, interpolation="bilinear")
-            ax1.set_title(f"Grad-CAM ({class_names[rows['target'][r]]})", fontsize=8)
+            ax1.set_title(textwrap.fill(f"Grad-CAM ({class_names[rows['target'][r]]})", 30), fontsize=7)
             ax2.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
             ax2.imshow(m, cmap="jet", alpha=0.45, vmin=0, vmax=lim, interpolation="bilinear")
             ax2.set_title("heat-map overlay", fontsize=8)
         else:
             lim = max(float(np.percentile(np.abs(m), 99.5)), 1e-12)
             im = ax1.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-            ax1.set_title(f"IG for {class_names[rows['target'][r]]}", fontsize=8)
+            ax1.set_title(textwrap.fill(f"IG for {class_names[rows['target'][r]]}", 30), fontsize=7)
             ax2.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
             pos = np.clip(m / lim, 0, 1)
             ax2.imshow(np.dstack([np.ones_like(pos), np.zeros_like(pos), np.zeros_like(pos), 0.8 * pos]),
@@ -730,8 +768,33 @@ def _save_figure(fig, path: Path, title: str) -> Path:
     return path
 
 
+def merge(cfg: ExplainConfig) -> dict:
+    """--merge-from: copy each database into --db, one transaction each. Every source is checked
+    first, before --db is opened or created, so a bad one in the list leaves every file as it was."""
+    check_sources(cfg.merge_list, cfg.db)
+    merged = {}
+    with ExplanationDB(cfg.db) as db:
+        for path in cfg.merge_list:
+            c = merged[path] = db.merge_from(path)
+            print(f"merged {path} into {cfg.db}: {c['maps']} maps added, {c['maps_present']} already there, "
+                  f"{c['map_conflicts']} conflicting (--db's kept); {c['models']} models, {c['settings']} "
+                  f"settings, {c['samples']} samples, {c['sample_metrics'] + c['summary_metrics']} metrics "
+                  f"added, {c['metric_conflicts']} left out")
+        summary = db.summary()
+    print_summary(summary)
+    return {"config": asdict(cfg), "merged": merged, "summary": summary}
+
+
+def print_summary(summary: list[dict]) -> None:
+    for row in summary:
+        print(f"{row['model']:9s} {row['sha256']} {row['method']:10s} {row['dataset']:24s} {row['split']:5s} "
+              f"maps {row['n_maps']:6d} errors {row['n_errors']:5d} mean|delta| {row['mean_abs_delta']:.2e}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(ExplainConfig, argv, description=__doc__.split("\n")[0])
+    if cfg.merge_from:
+        return merge(cfg)
     device = resolve_device(cfg.device)
 
     # The model and its data, both described by the checkpoint alone.
@@ -740,13 +803,22 @@ def main(argv: list[str] | None = None) -> dict:
     if data.task.startswith("multi-label"):
         raise DataError(f"{data.source}: explaining multi-label tasks is not supported")
     split = data.splits[cfg.split]
-    dataset_id = f"synthetic-seed{mcfg['seed']}" if data.flag == "synthetic" else Path(data.source).stem
+    dataset_id = data.name  # "synthetic-seed0", "pathmnist", the stem of a --data-dir file
     print(f"explaining {cfg.split} split of {data.source} with {mcfg['model']} ({cfg.checkpoint})")
 
-    # Predictions decide the explained class and the selection (--only-errors).
+    # Predictions decide the explained class and the selection (--only-errors); a shard takes its
+    # slice of the whole selection, so every shard must see the same predictions.
     scores = predict(model, split.images, 512, device, data.task)
     pred, conf, labels = scores.argmax(1), scores.max(1), split.labels.numpy()
     idx = select(labels, pred, cfg)
+    whole = not cfg.shard  # figures and --trust need the whole selection
+    if not whole:
+        n_selected, idx = len(idx), shard_slice(idx, *cfg.shard_kn)
+        print(f"shard {cfg.shard}: {len(idx)} of {n_selected} selected images")
+        if cfg.figures or cfg.trust:
+            print(f"shard {cfg.shard}: {' and '.join(['figures'] * cfg.figures + ['--trust'] * cfg.trust)} "
+                  "skipped, they need the whole selection: once every shard is done, run explain.py again "
+                  "without --shard (it finds every map stored and only draws and measures)")
     targets = {"predicted": [pred[idx]], "true": [labels[idx]], "both": [pred[idx], labels[idx]]}[cfg.targets]
     work_idx = np.concatenate([idx] * len(targets))
     work_target = np.concatenate(targets)
@@ -765,7 +837,7 @@ def main(argv: list[str] | None = None) -> dict:
             setting_id = settings[method] = db.add_setting(method, method_params(method, cfg, mcfg["model"]))
             n = explain(db, model, layer, split.images, work, method, cfg, device, (model_id, setting_id))
             print(f"{method}: {n} maps written, {len(work['index']) - n} already in {cfg.db}")
-            if cfg.figures and method in ("ig", "gradcam") and len(idx):
+            if whole and cfg.figures and method in ("ig", "gradcam") and len(idx):
                 rows = db.maps(model_id=model_id, setting_id=setting_id, dataset=dataset_id, size=data.size,
                                split=cfg.split, indices=idx.tolist())
                 pick = one_per_class(rows, data.num_classes)
@@ -775,15 +847,13 @@ def main(argv: list[str] | None = None) -> dict:
                               f"{mcfg['model']} on {cfg.split} split of {dataset_id} ({data.size}x{data.size})")
                 print(f"wrote {path}")
         trust = []
-        if cfg.trust and len(idx):
+        if whole and cfg.trust and len(idx):
             key = (model_id, dataset_id, data.size, cfg.split)
             measure_trust(db, model, mcfg["model"], split, idx, work, settings, key, data.class_names, cfg, device)
             trust = [r for r in db.summary_metrics(model_id) if (r["dataset"], r["size"], r["split"]) == key[1:]
                      and r["setting_id"] in (None, *settings.values())]  # this run's settings
         summary = db.summary()
-    for row in summary:
-        print(f"{row['model']:9s} {row['sha256']} {row['method']:10s} {row['dataset']:24s} {row['split']:5s} "
-              f"maps {row['n_maps']:6d} errors {row['n_errors']:5d} mean|delta| {row['mean_abs_delta']:.2e}")
+    print_summary(summary)
     if trust:
         print_trust(trust)
         if cfg.figures:
