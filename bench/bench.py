@@ -1,0 +1,296 @@
+"""Benchmarks: the first seed's pipeline (bench/baseline.py) against ours, same data, same machine.
+
+    python bench/bench.py                    # full run (under 10 min on 2 cores): the ratio table
+    python bench/bench.py --quick            # smoke run (~1 min): small sizes, one run
+    python bench/bench.py --json table.json  # also write the table as JSON
+    python bench/bench.py --train amp=true --explain ig_steps=50   # ours with other settings
+    python bench/bench.py accuracy           # both training recipes, 3 seeds: test accuracy
+
+The data is our synthetic set written as pathmnist.npz (MedMNIST layout, no masks) in a temp folder;
+the seed reads it through medmnist.PathMNIST, ours through data.load_data. Other processes share
+the machine, so the two sides are interleaved finely: each run alternates a chunk of baseline work
+and the same chunk of ours (ABBA order) and sums each side's time; a row shows medians over runs
+and the median of per-run ratios. Peak RSS comes from fresh processes (recipes.py), one per side.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3  # read-only, to measure stored lengths; the project writes through db.py
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from captum.attr import IntegratedGradients
+
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH.parent), str(BENCH)]
+import baseline  # noqa: E402
+import evaluate  # noqa: E402
+import explain  # noqa: E402
+from data import load_data, normalize, save_npz  # noqa: E402
+from db import ExplanationDB  # noqa: E402
+from recipes import Ours, Seed, parse_sets  # noqa: E402
+
+TARGETS = {"training images/s": (">=", 3), "training peak RSS MiB (fresh process)": ("<=", 1),
+           "IG explanations/s (zero baseline both)": (">=", 3),
+           "IG mean relative delta (zero baseline both)": ("<=", 1), "storage rows/s": (">=", 50),
+           "storage bytes per IG map": ("<=", 0.4), "evaluation images/s": (">=", 5)}
+
+
+def machine() -> str:
+    cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+               if line.startswith("model name"))
+    return (f"{cpu} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), load average {os.getloadavg()[0]:.1f}")
+
+
+def make_data(root: Path, n_train: int, n_test: int) -> None:
+    """Synthetic train/test splits as root/pathmnist.npz, laid out like the real file (no masks)."""
+    data = load_data("synthetic", 28, splits=("train", "test"), synthetic_sizes=(n_train, 1, n_test))
+    for split in data.splits.values():
+        split.masks = None
+    save_npz(root / "pathmnist.npz", data)
+
+
+def race(*sides) -> list[float]:
+    """Advance generators in turn, one chunk each, in ABBA order; the seconds each one took."""
+    seconds, live, turn = [0.0] * len(sides), list(range(len(sides))), 0
+    while live:
+        for i in live[:] if turn % 2 == 0 else live[::-1]:
+            t0 = time.perf_counter()
+            if next(sides[i], StopIteration) is StopIteration:
+                live.remove(i)
+            seconds[i] += time.perf_counter() - t0
+        turn += 1
+    return seconds
+
+
+def recipe(side: str, root: Path, sets: list[str], *args: str) -> dict:
+    """Run bench/recipes.py in a fresh process (its own peak RSS); returns its JSON report."""
+    extra = ["--set", *sets] if sets and side == "ours" else []
+    out = subprocess.run([sys.executable, str(BENCH / "recipes.py"), side, str(root), *args, *extra],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# The work of each side, as generators that yield after every chunk
+
+def seed_ig(model, images, chunk, out):
+    for part in images.split(chunk):
+        out.append(baseline.explain(model, normalize(part))[1:])
+        yield
+
+
+def our_ig(model, images, cfg, zero_baseline: bool, out):
+    """Predictions, then IG in batches of cfg.batch_size, as explain.py runs it. zero_baseline:
+    Captum with our steps, quadrature and batching but the seed's reference (zeros in normalised
+    space, i.e. mid-grey); otherwise explain.integrated_gradients as shipped (black by default)."""
+    for part in images.split(cfg.batch_size):
+        target = torch.from_numpy(evaluate.predict(model, part, 512, "cpu", "multi-class").argmax(1))
+        x = normalize(part)
+        if zero_baseline:
+            attr, delta = IntegratedGradients(model).attribute(
+                x, baselines=torch.zeros_like(x), target=target, n_steps=cfg.ig_steps, method=cfg.ig_method,
+                internal_batch_size=cfg.ig_internal_batch, return_convergence_delta=True)
+        else:
+            attr, _, delta = explain.integrated_gradients(model, None, x, target, cfg)
+        out.append((attr.detach(), target, delta.detach()))
+        yield
+
+
+@torch.no_grad()
+def relative_delta(model, images, reference, out) -> float:
+    """Mean |completeness error| / |f(x) - f(reference)| of the explained logits."""
+    x, target, delta = normalize(images), torch.cat([o[-2] for o in out]), torch.cat([o[-1] for o in out])
+    t = target.view(-1, 1)
+    gap = model(x).gather(1, t) - model(reference(x)).gather(1, t)
+    return float((delta.abs().view(-1) / gap.abs().view(-1)).mean())
+
+
+def seed_store(path, maps, chunk, lengths):
+    store = baseline.Store(str(path))
+    for s in range(0, len(maps), chunk):
+        lengths += [store.put(f"lightcnn/ig/test/{i}", maps[i]) for i in range(s, min(s + chunk, len(maps)))]
+        yield
+    store.close()
+
+
+def our_store(path, maps, targets, cfg):
+    with ExplanationDB(path) as db:  # registering model, setting and samples is part of the work
+        model_id, setting_id = db.add_model("0" * 64, "lightcnn", {}), db.add_setting("ig", {"bench": 1})
+        ids = db.add_samples("bench", 28, "test", np.arange(len(maps)), targets)
+        for s in range(0, len(maps), cfg.batch_size):
+            part = slice(s, s + cfg.batch_size)
+            n = len(ids[part])
+            db.add_attributions(model_id, setting_id, ids[part], targets[part], targets[part], np.full(n, 0.9),
+                                maps[part], np.zeros(n), dtype=cfg.store_dtype)
+            yield
+
+
+def file_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in (path, Path(f"{path}-wal"), Path(f"{path}-journal")) if p.exists())
+
+
+def seed_eval(model, loader, chunk):
+    batches = iter(loader)
+    for _ in range(0, len(loader.dataset), chunk):
+        baseline.predict(model, islice(batches, chunk // baseline.BATCH))
+        yield
+
+
+def our_eval(model, images, chunk):
+    for part in images.split(chunk):
+        evaluate.predict(model, part, 512, "cpu", "multi-class")
+        yield
+
+
+# ------------------------------------------------------------------------------------------------
+
+def speed(args) -> list[dict]:
+    ecfg = explain.ExplainConfig(**parse_sets(args.explain, explain.ExplainConfig))
+    print(f"machine: {machine()}", flush=True)
+    rows: dict[str, tuple[list, list]] = {}
+
+    def record(name, base, ours):
+        rows.setdefault(name, ([], []))[0].append(base)
+        rows[name][1].append(ours)
+
+    with tempfile.TemporaryDirectory(dir=args.tmp or None) as tmp:
+        root = Path(tmp)
+        make_data(root, args.n_train, args.n_test)
+        test = load_data("pathmnist", 28, root, ("test",), download_missing=False).splits["test"]
+        model = bench_training(args, root, record)
+        maps, targets = bench_ig(args, ecfg, model, test.images[:args.n_ig], record)
+        bench_storage(args, ecfg, root, maps, targets, record)
+        loader = baseline.loader(str(root), "test", train=False)
+        race(seed_eval(model, loader, 512), our_eval(model, test.images[:512], 512))  # warm-up
+        for _ in range(args.runs):
+            a, b = race(seed_eval(model, loader, 512), our_eval(model, test.images, 512))
+            record("evaluation images/s", len(test) / a, len(test) / b)
+
+    table = []
+    for name, (base, ours) in rows.items():
+        op, target = TARGETS.get(name, ("", None))
+        ratio = statistics.median(o / b for b, o in zip(base, ours))
+        ok = None if target is None else ratio >= target if op == ">=" else ratio <= target
+        table.append({"what": name, "baseline": statistics.median(base), "ours": statistics.median(ours),
+                      "ratio": ratio, "target": f"{op} {target}x" if target else "info", "pass": ok})
+    # The IG target is a speed-up at an equal or smaller delta: both rows must pass.
+    rate, delta = (next(r for r in table if r["what"] == k) for k in
+                   ("IG explanations/s (zero baseline both)", "IG mean relative delta (zero baseline both)"))
+    rate["pass"], rate["target"] = rate["pass"] and delta["pass"], ">= 3x, delta <= 1x"
+    return table
+
+
+def bench_training(args, root: Path, record):
+    """Runs are consecutive epochs of the same two models; returns ours, trained, for IG/eval."""
+    seed, ours = Seed(str(root)), Ours(str(root), sets=args.train)
+    for epoch in range(1, args.runs + 1):
+        a, b = race(seed.epoch(epoch, 1024), ours.epoch(epoch, 1024))
+        record("training images/s", seed.n / a, ours.n / b)
+        print(f"epoch {epoch}: seed {seed.n / a:.0f} images/s, ours {ours.n / b:.0f} images/s", flush=True)
+    for _ in range(args.rss_runs):
+        record("training peak RSS MiB (fresh process)", recipe("seed", root, [])["peak_rss_mib"],
+               recipe("ours", root, args.train)["peak_rss_mib"])
+    print(f"IG/eval model: LightCNN after {args.runs} epochs of ours, test accuracy {ours.test_accuracy():.3f}")
+    return ours.model.eval()
+
+
+def bench_ig(args, ecfg, model, images, record):
+    """Seed vs ours with the seed's zero reference (like for like), and explain.py as shipped."""
+    zero, black = torch.zeros_like, lambda x: explain.make_baseline(x, ecfg.baseline)
+    for _ in range(args.runs):
+        a, b, c = [], [], []
+        t = race(seed_ig(model, images, ecfg.batch_size, a), our_ig(model, images, ecfg, True, b),
+                 our_ig(model, images, ecfg, False, c))
+        delta = [relative_delta(model, images, ref, out) for ref, out in ((zero, a), (zero, b), (black, c))]
+        record("IG explanations/s (zero baseline both)", len(images) / t[0], len(images) / t[1])
+        record("IG mean relative delta (zero baseline both)", delta[0], delta[1])
+        record("IG explanations/s (ours: explain.py as shipped)", len(images) / t[0], len(images) / t[2])
+        record("IG mean relative delta (ours: as shipped, black)", delta[0], delta[2])
+    return np.concatenate([o[0].numpy() for o in c]), torch.cat([o[1] for o in c]).numpy()
+
+
+def bench_storage(args, ecfg, root: Path, maps, targets, record) -> None:
+    """explain.py's IG maps, repeated to --n-store rows, written by each side into a new file."""
+    maps, targets = np.resize(maps, (args.n_store, *maps.shape[1:])), np.resize(targets, args.n_store)
+    for run in range(args.runs):
+        lengths, paths = [], (root / f"seed{run}.db", root / f"ours{run}.db")
+        a, b = race(seed_store(paths[0], maps, ecfg.batch_size, lengths), our_store(paths[1], maps, targets, ecfg))
+        with sqlite3.connect(f"file:{paths[1]}?mode=ro", uri=True) as conn:
+            blob = conn.execute("SELECT avg(length(map)) FROM attributions").fetchone()[0]
+        record("storage rows/s", args.n_store / a, args.n_store / b)
+        record("storage bytes per IG map", float(np.mean(lengths)), blob)
+        record("storage file bytes per row", *(file_bytes(p) / args.n_store for p in paths))
+
+
+def print_table(table: list[dict], header: str) -> None:
+    print(f"\n{header}\n\n| what | baseline | ours | ratio | target | pass |\n|---|---:|---:|---:|---|---|")
+    for r in table:
+        fmt = (lambda v: f"{v:.2e}") if "delta" in r["what"] else (lambda v: f"{v:,.0f}" if v >= 100 else f"{v:.1f}")
+        verdict = {True: "pass", False: "**FAIL**", None: "-"}[r["pass"]]
+        print(f"| {r['what']} | {fmt(r['baseline'])} | {fmt(r['ours'])} | {r['ratio']:.2f}x | {r['target']} "
+              f"| {verdict} |")
+
+
+def accuracy(args) -> dict:
+    """Both recipes for --epochs epochs per seed, each in a fresh process; final test accuracy."""
+    print(f"machine: {machine()}", flush=True)
+    acc = {"seed": [], "ours": []}
+    with tempfile.TemporaryDirectory(dir=args.tmp or None) as tmp:
+        make_data(Path(tmp), args.n_train, args.n_test)
+        for seed in range(args.seeds):
+            for side in acc:
+                r = recipe(side, Path(tmp), args.train, "--epochs", str(args.epochs), "--seed", str(seed), "--test")
+                acc[side].append(r["test_acc"])
+                print(f"seed {seed} {side:4s}: test acc {r['test_acc']:.4f}, images/s per epoch "
+                      f"{[round(v) for v in r['images_per_s']]}", flush=True)
+    for side, v in acc.items():
+        print(f"{side:4s}: test accuracy {np.mean(v):.4f} +- {np.std(v, ddof=1):.4f} (mean +- std, {len(v)} seeds; "
+              f"{args.epochs} epochs on {args.n_train} synthetic images, {args.n_test} test images)")
+    return acc
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("mode", nargs="?", default="speed", choices=("speed", "accuracy"))
+    p.add_argument("--quick", action="store_true", help="smoke run: small sizes, one run")
+    p.add_argument("--runs", type=int, default=3, help="interleaved runs per row (training: epochs)")
+    p.add_argument("--rss-runs", type=int, default=1, help="fresh-process peak RSS measurements per side")
+    p.add_argument("--n-train", type=int, default=0, help="training images (0: 4096 for speed, 10000 for accuracy)")
+    p.add_argument("--n-test", type=int, default=2048, help="test images, for evaluation")
+    p.add_argument("--n-ig", type=int, default=64, help="images explained per run and side")
+    p.add_argument("--n-store", type=int, default=7180, help="maps written per run and side (the PathMNIST test split)")
+    p.add_argument("--epochs", type=int, default=4, help="accuracy: training epochs per recipe")
+    p.add_argument("--seeds", type=int, default=3, help="accuracy: training seeds")
+    p.add_argument("--train", nargs="*", default=[], help="TrainConfig overrides for ours, KEY=VALUE")
+    p.add_argument("--explain", nargs="*", default=[], help="ExplainConfig overrides for ours, KEY=VALUE")
+    p.add_argument("--tmp", default="", help="folder for the temporary data and databases (a real disk)")
+    p.add_argument("--json", default="", help="also write the results to this JSON file")
+    args = p.parse_args()
+    args.n_train = args.n_train or (4096 if args.mode == "speed" else 10000)
+    if args.quick:
+        args.runs, args.n_train, args.n_test, args.n_ig, args.n_store = 1, 1024, 512, 8, 128
+        args.epochs, args.seeds = 1, 2
+    if args.mode == "speed":
+        results = speed(args)
+        print_table(results, f"Medians of {args.runs} interleaved runs; machine: {machine()}")
+    else:
+        results = accuracy(args)
+    if args.json:
+        record = {"machine": machine(), "args": vars(args), "results": results}
+        Path(args.json).write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
