@@ -281,13 +281,6 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
     return (x * STD + MEAN).clamp(0, 1)
 
 
-def batches(n: int, batch_size: int, shuffle: bool = False,
-            generator: torch.Generator | None = None):
-    """Index tensors covering range(n), in a random order drawn from `generator` when shuffling."""
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    return order.split(batch_size)
-
-
 def augment(x: torch.Tensor, generator: torch.Generator, max_degrees: float = 10.0) -> torch.Tensor:
     """Label-preserving augmentation of a normalised batch, all tensor ops on x's device.
 

@@ -17,3 +17,14 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"real data folder {path} not present (it sits next to the repo checkout)")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): its
+    subprocesses run with OMP_NUM_THREADS=1, so in-process runs then do the same arithmetic bit for
+    bit, and small tensors run faster without two OpenMP threads waiting on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import data
-from data import DataError, augment, batches, denormalize, load_data, normalize, save_npz
+from data import DataError, augment, denormalize, load_data, normalize, save_npz
 
 REAL_COUNTS = [147, 78, 26, 60, 112, 60, 85, 28, 122]  # class counts of the 718 subset (data README)
 
@@ -374,7 +374,7 @@ def test_save_npz_round_trip(tmp_path, size):
 
 
 # ------------------------------------------------------------------------------------------------
-# Normalisation, batches, augmentation
+# Normalisation, augmentation
 
 def test_normalize_denormalize():
     x = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
@@ -417,14 +417,3 @@ def test_augment_is_deterministic_and_rotation_reflects_borders():
     lo, hi = x.amin((1, 2, 3)), x.amax((1, 2, 3))
     assert (a.amin((1, 2, 3)) >= lo - 1e-5).all() and (a.amax((1, 2, 3)) <= hi + 1e-5).all()
 
-
-def test_batches_cover_range_once():
-    g = torch.Generator().manual_seed(0)
-    parts = batches(103, 10, shuffle=True, generator=g)
-    assert [len(p) for p in parts] == [10] * 10 + [3]
-    order = torch.cat(parts)
-    assert sorted(order.tolist()) == list(range(103))
-    assert order.tolist() != list(range(103))
-    assert torch.cat(batches(103, 10)).tolist() == list(range(103))
-    again = torch.cat(batches(103, 10, shuffle=True, generator=torch.Generator().manual_seed(0)))
-    assert torch.equal(order, again)

@@ -22,13 +22,7 @@ from evaluate import predict
 SYNTHETIC_SIZES = (10, 10, 60)  # train/val/test: the test split has 60 images, every class present
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for this module: its tensors are small, and on a busy 2-core machine two
-    OpenMP threads wait on each other at every op (measured: 200 Adam steps of a 256x9 layer take
-    15 s with two threads under load, under 2 s with one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
     yield
     torch.set_num_threads(before)
 

@@ -32,11 +32,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 VALIDATE = train.validate
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread, as in the subprocesses (OMP_NUM_THREADS=1): the same arithmetic, bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
     yield
     torch.set_num_threads(threads)
 

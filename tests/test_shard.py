@@ -43,11 +43,7 @@ FLAGS = ("--device", "cpu", "--methods", "ig,gradcam", "--ig-steps", 4, "--batch
          "--store-dtype", "float32")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread, as in the subprocesses (OMP_NUM_THREADS=1): the same arithmetic, bit for bit."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
     yield
     torch.set_num_threads(before)
 

@@ -31,11 +31,7 @@ COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc",
 TIMING = {"seconds", "images_per_s"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: on a busy 2-core machine two threads per run fight the other processes for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
     yield
     torch.set_num_threads(threads)
 
