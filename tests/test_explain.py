@@ -23,8 +23,6 @@ SYNTHETIC_SIZES = (10, 10, 60)  # train/val/test: the test split has 60 images, 
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

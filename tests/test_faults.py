@@ -33,8 +33,6 @@ VALIDATE = train.validate
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-    yield
-    torch.set_num_threads(threads)
 
 
 def start(cwd: Path, *args: str, log: str = "log") -> subprocess.Popen:

@@ -44,8 +44,6 @@ FLAGS = ("--device", "cpu", "--methods", "ig,gradcam", "--ig-steps", 4, "--batch
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-    yield
-    torch.set_num_threads(before)
 
 
 def save_checkpoint(path: Path, name: str, state: dict) -> Path:

@@ -32,8 +32,6 @@ TIMING = {"seconds", "images_per_s"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-    yield
-    torch.set_num_threads(threads)
 
 
 def _install(mp: pytest.MonkeyPatch, events: list) -> None:
