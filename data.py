@@ -9,10 +9,13 @@ PIL image per sample. Augmentation works on whole batches, on the device the mod
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
+import importlib.util
 import math
 import os
+import sys
 import urllib.error
 import urllib.request
 import zipfile
@@ -64,18 +67,31 @@ class Data:
         return len(self.class_names)
 
 
+@functools.cache
+def _medmnist_info_table() -> dict:
+    """medmnist.INFO, read from medmnist/info.py alone: importing the package would also load
+    pandas, scikit-learn and PIL (100 MiB and seconds of start-up) that .npz files never need."""
+    if "medmnist" in sys.modules:
+        return sys.modules["medmnist"].INFO
+    spec = importlib.util.find_spec("medmnist")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("medmnist is not installed: pip install -r requirements.txt")
+    path = Path(spec.submodule_search_locations[0]) / "info.py"
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location("medmnist_info", path))
+    module.__spec__.loader.exec_module(module)
+    return module.INFO
+
+
 def medmnist_info(flag: str) -> dict:
     """MedMNIST's metadata for a 2D flag (URLs, MD5s, labels, task); clear error for others."""
-    from medmnist import INFO  # imported here so that synthetic runs and tests do not pay for it
-    flags_2d = sorted(k for k in INFO if not k.endswith("3d"))
+    flags_2d = dataset_choices()[1:]
     if flag not in flags_2d:
         raise DataError(f"unknown dataset {flag!r}; choose one of: synthetic, {', '.join(flags_2d)}")
-    return INFO[flag]
+    return _medmnist_info_table()[flag]
 
 
 def dataset_choices() -> list[str]:
-    from medmnist import INFO
-    return ["synthetic"] + sorted(k for k in INFO if not k.endswith("3d"))
+    return ["synthetic"] + sorted(k for k in _medmnist_info_table() if not k.endswith("3d"))
 
 
 def npz_path(flag: str, size: int, data_dir: str | os.PathLike) -> Path:
@@ -286,20 +302,24 @@ def augment(x: torch.Tensor, generator: torch.Generator, max_degrees: float = 10
 
     Tissue has no orientation, so the 8 flips/90-degree rotations are free; a small random rotation
     (the seed's RandomRotation(10)) adds in-between angles, with reflected borders instead of black
-    corners so that no artificial edge appears.
+    corners so that no artificial edge appears. Flips and transpose are maps of the sampling grid
+    too, so with a rotation the whole transform is one resampling of the batch.
     """
     n = x.shape[0]
     r = torch.rand(n, 4, generator=generator).to(x.device)
-    x = torch.where((r[:, 0] < 0.5).view(n, 1, 1, 1), x.flip(-1), x)
-    x = torch.where((r[:, 1] < 0.5).view(n, 1, 1, 1), x.flip(-2), x)
-    x = torch.where((r[:, 2] < 0.5).view(n, 1, 1, 1), x.transpose(-1, -2), x)  # with flips: all 8
-    if max_degrees > 0:
-        theta = (r[:, 3] * 2 - 1) * math.radians(max_degrees)
-        cos, sin, zero = theta.cos(), theta.sin(), torch.zeros_like(theta)
-        affine = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-        grid = F.affine_grid(affine.to(x.dtype), list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    return x
+    flip_w, flip_h, swap = (r[:, k] < 0.5 for k in range(3))  # with the transpose: all 8
+    if max_degrees <= 0:
+        x = torch.where(flip_w.view(n, 1, 1, 1), x.flip(-1), x)
+        x = torch.where(flip_h.view(n, 1, 1, 1), x.flip(-2), x)
+        return torch.where(swap.view(n, 1, 1, 1), x.transpose(-1, -2), x)
+    # Output pixel p samples the input at diag(sw, sh) @ T @ R(theta) @ p (grid coordinates x, y).
+    theta = (r[:, 3] * 2 - 1) * math.radians(max_degrees)
+    rotation = torch.stack([torch.stack([theta.cos(), -theta.sin()], 1), torch.stack([theta.sin(), theta.cos()], 1)], 1)
+    rotation = torch.where(swap.view(n, 1, 1), rotation.flip(1), rotation)  # T swaps the rows
+    signs = torch.stack([1 - 2 * flip_w.to(theta.dtype), 1 - 2 * flip_h.to(theta.dtype)], 1)
+    affine = torch.cat([signs[:, :, None] * rotation, torch.zeros(n, 2, 1, device=x.device)], 2)
+    grid = F.affine_grid(affine.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 # ------------------------------------------------------------------------------------------------

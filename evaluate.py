@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from data import DataError, data_for_run, load_data, medmnist_info, normalize
-from model import CheckpointError, load_checkpoint, parse_config, resolve_device
+from model import (AMP_CHOICES, CheckpointError, amp_dtype, autocast, inference_copy, load_checkpoint,
+                   parse_config, precision_name, resolve_device)
 
 matplotlib.use("Agg")  # figures only go to files; never needs a display
 MULTI_LABEL = "multi-label, binary-class"
@@ -377,14 +378,21 @@ def plot_samples(images_uint8, y_true, y_pred, confidence, class_names: list[str
 # ----------------------------------------------------------------------------- model inference
 
 @torch.no_grad()
-def predict(model, images_uint8, batch_size: int, device, task: str) -> np.ndarray:
-    """Class probabilities (softmax; sigmoid for multi-label) for uint8 (N, C, H, W) images."""
-    model.eval()
+@torch.inference_mode()
+def predict(model, images_uint8, batch_size: int, device, task: str, amp: str = "off") -> np.ndarray:
+    """Class probabilities (softmax; sigmoid for multi-label) for uint8 (N, C, H, W) images.
+
+    Runs an inference_copy of the model (BatchNorm folded, channels_last) under --amp's autocast;
+    probabilities are computed in float32 from the logits either way."""
+    device = torch.device(device)
+    net, dtype = inference_copy(model), amp_dtype(amp, device)
     activation = torch.sigmoid if task == MULTI_LABEL else (lambda z: torch.softmax(z, dim=1))
     probs = []
     for start in range(0, len(images_uint8), batch_size):
         x = normalize(images_uint8[start:start + batch_size].to(device, non_blocking=True))
-        probs.append(activation(model(x).float()).cpu())
+        with autocast(device, dtype):
+            logits = net(x.contiguous(memory_format=torch.channels_last))
+        probs.append(activation(logits.float()).cpu())
     return torch.cat(probs).numpy()
 
 
@@ -402,7 +410,8 @@ class EvalConfig:
     dataset: str = field(default="pathmnist", metadata={
         "help": "MedMNIST flag, used with --predictions (task, class names, labels if the CSV has none)"})
     size: int = field(default=28, metadata={"help": "image size, used with --predictions"})
-    batch_size: int = field(default=512, metadata={"help": "inference only, so larger than training"})
+    batch_size: int = field(default=128, metadata={"help": "inference batch (128 stays in a CPU's cache)"})
+    amp: str = field(default="auto", metadata={"help": "bf16 (CPU) / fp16 (CUDA) autocast; auto: where the hardware has it; off: float32", "choices": AMP_CHOICES})
     out: str = field(default="", metadata={
         "help": "output folder; empty = the checkpoint's run folder (with --predictions: eval)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
@@ -415,14 +424,14 @@ def main(argv=None) -> dict:
     # Scores and labels: from a score file, or by running the checkpoint's model on the split.
     ev = scores_from_csv(cfg) if cfg.predictions else scores_from_checkpoint(cfg)
     metrics = compute_metrics(ev.labels, ev.scores, ev.task, ev.class_names)
-    print(f"{cfg.split} split of {ev.name}: {ev.source}")
+    print(f"{cfg.split} split of {ev.name}: {ev.source}" + (f", {ev.precision}" if ev.precision else ""))
     print_report(metrics, ev.class_names)
 
     # Outputs: metrics JSON, MedMNIST's standard score file, and the figures.
     out = Path(cfg.out) if cfg.out else ev.default_out
     out.mkdir(parents=True, exist_ok=True)
     record = {"split": cfg.split, "dataset": ev.flag, "size": ev.size, "task": ev.task,
-              "source": ev.source, "config": asdict(cfg), **metrics}
+              "source": ev.source, "precision": ev.precision or None, "config": asdict(cfg), **metrics}
     json_path = out / f"{cfg.split}_metrics.json"
     json_path.write_text(json.dumps(_nan_to_none(record), indent=2, allow_nan=False) + "\n")
     write_scores_csv(ev.scores, out, ev.flag, ev.size, cfg.split, metrics["acc"],
@@ -458,6 +467,7 @@ class Scored:
     source: str
     default_out: Path
     name: str  # what figures call the data: the flag, or the file it came from
+    precision: str = ""  # the model's inference precision; empty for a score file
 
 
 def scores_from_checkpoint(cfg: EvalConfig) -> Scored:
@@ -467,10 +477,11 @@ def scores_from_checkpoint(cfg: EvalConfig) -> Scored:
     # The training seed matters for synthetic data: it generates the very same test split.
     data = data_for_run(train_cfg, (cfg.split,), cfg.data_dir)
     split = data.splits[cfg.split]
-    scores = predict(model, split.images, cfg.batch_size, device, data.task)
+    scores = predict(model, split.images, cfg.batch_size, device, data.task, cfg.amp)
     return Scored(data.flag, data.size, data.task, data.class_names, split.labels.numpy(), scores,
                   split.images, f"{cfg.checkpoint} on {data.source}",
-                  default_out=Path(cfg.checkpoint).resolve().parent, name=data.name)
+                  default_out=Path(cfg.checkpoint).resolve().parent, name=data.name,
+                  precision=f"{precision_name(amp_dtype(cfg.amp, device))} (--amp {cfg.amp})")
 
 
 def scores_from_csv(cfg: EvalConfig) -> Scored:

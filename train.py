@@ -2,7 +2,7 @@
 
     python train.py                                        # LightCNN on PathMNIST 28x28
     python train.py --dataset synthetic --epochs 10        # offline, on generated data
-    python train.py --model resnet50 --size 64 --amp       # ResNet-50 on PathMNIST 64x64
+    python train.py --model resnet50 --size 64             # ResNet-50 on PathMNIST 64x64
     python train.py --resume runs/latest                   # continue an interrupted run
     torchrun --nproc_per_node 4 train.py --model resnet50  # 4 GPUs; --batch-size is per GPU
 
@@ -39,9 +39,9 @@ from tqdm import tqdm
 
 import evaluate
 from data import SIZES, DataError, augment, dataset_choices, load_data, normalize, parse_split_sizes
-from model import (MODELS, CheckpointError, all_reduce_sum, build_model, count_flops, distributed,
-                   exit_on_interrupt, from_rank0, parse_config, read_checkpoint, save_checkpoint,
-                   set_seed)
+from model import (AMP_CHOICES, MODELS, CheckpointError, all_reduce_sum, amp_dtype, autocast, build_model,
+                   count_flops, distributed, exit_on_interrupt, from_rank0, parse_config, precision_name,
+                   read_checkpoint, save_checkpoint, set_seed)
 
 
 @dataclass
@@ -61,8 +61,8 @@ class TrainConfig:
     augment: bool = field(default=True, metadata={"help": "flips, 90-degree and small rotations on each batch"})
     seed: int = field(default=0, metadata={"help": "seeds weights, data order, augmentation and synthetic data"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ... (under torchrun: cuda:LOCAL_RANK)"})
-    amp: bool = field(default=False, metadata={"help": "mixed precision: fp16 on CUDA, bf16 on CPU"})
-    eval_batch_size: int = field(default=512, metadata={"help": "batch for validation and test inference"})
+    amp: str = field(default="auto", metadata={"help": "mixed precision: fp16 on CUDA, bf16 on CPU; auto: where the hardware has it (CUDA, CPUs with AMX/AVX512-BF16)", "choices": AMP_CHOICES})
+    eval_batch_size: int = field(default=128, metadata={"help": "batch for validation and test inference (128 stays in a CPU's cache)"})
     out: str = field(default="", metadata={"help": "run folder (default runs/DATASET-MODEL-SIZE-TIME)"})
     resume: str = field(default="", metadata={"help": "run folder to continue from its last.pt (its config is reused; --epochs may extend it)"})
 
@@ -74,9 +74,11 @@ class TrainConfig:
             return "--lr must be > 0, --weight-decay >= 0 and --patience >= 1"
         if not 0 <= self.seed < 2**32:
             return "--seed must be in [0, 2**32)"
+        if self.amp not in AMP_CHOICES:
+            return f"--amp must be one of {', '.join(AMP_CHOICES)}"
         if parse_split_sizes(self.synthetic_sizes) is None:
             return f"--synthetic-sizes {self.synthetic_sizes!r}: give three positive integers, e.g. 10000,2000,2000"
-        if self.dataset not in dataset_choices():  # last: it imports medmnist, seconds of start-up
+        if self.dataset not in dataset_choices():
             return f"unknown dataset {self.dataset!r}; choose one of {', '.join(dataset_choices())}"
         return None
 
@@ -142,9 +144,14 @@ def train_one_epoch(model, split, order, optimizer, scaler, autocast, generator,
             "images_per_s": seen_total / seconds}
 
 
+def make_optimizer(net, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam; fused: one kernel for all parameters, 10x faster per step on CPU than the default."""
+    return torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+
+
 def validate(model, split, data, cfg, device) -> dict:
     """Loss, accuracy and AUC on a held-out split, from the same predict() evaluate.py uses."""
-    scores = evaluate.predict(model, split.images, cfg.eval_batch_size, device, data.task)
+    scores = evaluate.predict(model, split.images, cfg.eval_batch_size, device, data.task, cfg.amp)
     if not np.isfinite(scores).all():  # diverged weights: main() stops the run on the NaN loss
         return {"loss": math.nan, "acc": math.nan, "auc": math.nan}
     y = split.labels.numpy()
@@ -197,11 +204,11 @@ def main(argv: list[str] | None = None) -> Path:
         log(f"model: {cfg.model}, {sum(p.numel() for p in net.parameters()):,} parameters, "
             f"{count_flops(net, (data.n_channels, cfg.size, cfg.size)) / 1e6:.1f} M MACs per image")
         net = net.to(device, memory_format=torch.channels_last)
-        optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(net, cfg)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=2)
-        scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
-        amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-        autocast = torch.autocast(device.type, dtype=amp_dtype) if cfg.amp else contextlib.nullcontext()
+        dtype = amp_dtype(cfg.amp, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        log(f"precision: {precision_name(dtype)} on {device} (--amp {cfg.amp})")
         arch = {"in_channels": data.n_channels, "num_classes": data.num_classes, "task": data.task,
                 "class_names": data.class_names, "flag": data.flag, "data_source": data.source}
         start, best, stale = 1, -math.inf, 0
@@ -221,7 +228,7 @@ def main(argv: list[str] | None = None) -> Path:
                     log(f"early stop: validation {cfg.monitor} has not improved for {stale} epochs")
                     break
                 order, generator = seed_epoch(cfg.seed, epoch, len(train), rank, world)
-                tr = train_one_epoch(model, train, order, optimizer, scaler, autocast, generator, cfg,
+                tr = train_one_epoch(model, train, order, optimizer, scaler, autocast(device, dtype), generator, cfg,
                                      f"epoch {epoch}/{cfg.epochs}", progress=rank == 0)
                 # Rank 0 validates; every rank takes its result, so all step and stop together.
                 va = from_rank0(validate(net, val, data, cfg, device) if rank == 0 else None)
@@ -251,7 +258,7 @@ def main(argv: list[str] | None = None) -> Path:
                 # The one look at the test split: the checkpoint selected on validation.
                 print(f"best checkpoint (val {cfg.monitor} {best:.4f}) on the test split:")
                 evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--device", str(device),
-                               "--batch-size", str(cfg.eval_batch_size)])
+                               "--batch-size", str(cfg.eval_batch_size), "--amp", cfg.amp])
     return run_dir
 
 
@@ -265,7 +272,10 @@ def resume_config(cfg: TrainConfig) -> tuple[TrainConfig, dict, dict]:
     ckpt = read_checkpoint(path)
     given = {k: getattr(cfg, k) for k in RESUME_OVERRIDES if getattr(cfg, k) != getattr(TrainConfig(), k)}
     try:
-        resumed = TrainConfig(**{**ckpt["config"], **given, "resume": cfg.resume, "out": cfg.resume})
+        saved = {**ckpt["config"]}
+        if isinstance(saved.get("amp"), bool):  # runs from before --amp auto
+            saved["amp"] = "on" if saved["amp"] else "off"
+        resumed = TrainConfig(**{**saved, **given, "resume": cfg.resume, "out": cfg.resume})
         problem = resumed.check()
     except (TypeError, ValueError) as e:
         problem = str(e)

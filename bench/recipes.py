@@ -2,7 +2,7 @@
 timing), and as a script that runs one in a fresh process so that its peak RSS is its own:
 
     python bench/recipes.py seed ROOT                  # medmnist + DataLoader(64), as the first seed
-    python bench/recipes.py ours ROOT --set amp=true batch_size=256 --epochs 3 --test
+    python bench/recipes.py ours ROOT --set amp=off batch_size=256 --epochs 3 --test
 
 ROOT holds pathmnist.npz (MedMNIST layout). The script prints one JSON line: images/s per epoch,
 test accuracy if asked, and peak RSS (VmHWM). Each recipe imports only its own modules.
@@ -10,7 +10,6 @@ test accuracy if asked, and peak RSS (VmHWM). Each recipe imports only its own m
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import sys
@@ -28,7 +27,7 @@ def rss_mib(key: str = "VmRSS") -> float:
 
 
 def parse_sets(items: list[str], cls) -> dict:
-    """['amp=true', 'batch_size=256'] -> dataclass kwargs converted to the fields' types."""
+    """['amp=off', 'batch_size=256'] -> dataclass kwargs converted to the fields' types."""
     types = {f.name: type(f.default) for f in dataclasses.fields(cls)}
     out = {}
     for key, value in (item.split("=", 1) for item in items):
@@ -72,16 +71,16 @@ class Ours:
         import torch
         import train
         from data import load_data
-        from model import build_model, set_seed
+        from model import amp_dtype, autocast, build_model, set_seed
         self.train, self.root, self.seed = train, root, seed
         self.cfg = dataclasses.replace(train.TrainConfig(), **parse_sets(list(sets), train.TrainConfig))
         set_seed(seed)  # as train.main: seed -> data -> model -> optimizer -> epochs
         self.split = load_data("pathmnist", 28, root, ("train",), download_missing=False).splits["train"]
         self.n = len(self.split)
         self.model = build_model("lightcnn").to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.optimizer = train.make_optimizer(self.model, self.cfg)
         self.scaler = torch.amp.GradScaler("cpu", enabled=False)
-        self.autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.cfg.amp else contextlib.nullcontext()
+        self.autocast = autocast(torch.device("cpu"), amp_dtype(self.cfg.amp, torch.device("cpu")))
 
     def epoch(self, epoch: int, chunk: int = 0):
         order, generator = self.train.seed_epoch(self.seed, epoch, self.n)
@@ -94,7 +93,7 @@ class Ours:
         import evaluate
         from data import load_data
         test = load_data("pathmnist", 28, self.root, ("test",), download_missing=False).splits["test"]
-        scores = evaluate.predict(self.model, test.images, self.cfg.eval_batch_size, "cpu", "multi-class")
+        scores = evaluate.predict(self.model, test.images, self.cfg.eval_batch_size, "cpu", "multi-class", self.cfg.amp)
         return float((scores.argmax(1) == test.labels.numpy()).mean())
 
 

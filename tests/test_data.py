@@ -4,13 +4,19 @@ augmentation."""
 import hashlib
 import http.client
 import io
+import json
+import math
+import subprocess
+import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import medmnist
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 from data import DataError, augment, denormalize, load_data, normalize, save_npz
@@ -403,6 +409,23 @@ def test_augment_without_rotation_is_a_dihedral_transform():
     assert seen == set(range(8))  # flips plus transpose reach the whole group
 
 
+def test_augment_is_flips_then_rotation_in_one_resampling():
+    """The single grid_sample equals the two-step definition: flips and transpose first (exact),
+    then the small rotation, with the same random draws."""
+    x = torch.rand(64, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    r = torch.rand(64, 4, generator=torch.Generator().manual_seed(9))  # augment's own first draw
+    ref = torch.stack([xi.flip(-1) if ri[0] < 0.5 else xi for xi, ri in zip(x, r)])
+    ref = torch.stack([xi.flip(-2) if ri[1] < 0.5 else xi for xi, ri in zip(ref, r)])
+    ref = torch.stack([xi.transpose(-1, -2) if ri[2] < 0.5 else xi for xi, ri in zip(ref, r)])
+    theta = (r[:, 3] * 2 - 1) * math.radians(10)
+    rot = torch.stack([torch.stack([theta.cos(), -theta.sin(), 0 * theta], 1),
+                       torch.stack([theta.sin(), theta.cos(), 0 * theta], 1)], 1)
+    grid = F.affine_grid(rot, list(ref.shape), align_corners=False)
+    ref = F.grid_sample(ref, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    out = augment(x, torch.Generator().manual_seed(9))
+    assert (out - ref).abs().max().item() < 1e-5
+
+
 def test_augment_is_deterministic_and_rotation_reflects_borders():
     x = normalize(torch.randint(128, 256, (16, 3, 28, 28), generator=torch.Generator().manual_seed(0),
                                 dtype=torch.uint8))
@@ -417,3 +440,16 @@ def test_augment_is_deterministic_and_rotation_reflects_borders():
     lo, hi = x.amin((1, 2, 3)), x.amax((1, 2, 3))
     assert (a.amin((1, 2, 3)) >= lo - 1e-5).all() and (a.amax((1, 2, 3)) <= hi + 1e-5).all()
 
+
+
+def test_medmnist_metadata_without_importing_medmnist():
+    """URLs, MD5s and labels come from medmnist's own INFO, read without importing the package
+    (which would load pandas and scikit-learn: 100 MiB of peak memory in every training run)."""
+    code = ("import sys, json; sys.path.insert(0, '.'); import data; "
+            "print(json.dumps([data.medmnist_info('pathmnist'), data.dataset_choices(), "
+            "sorted(m for m in ('medmnist', 'pandas', 'sklearn') if m in sys.modules)]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(data.__file__).parent, capture_output=True,
+                         text=True, check=True).stdout
+    info, choices, imported = json.loads(out)
+    assert info == medmnist.INFO["pathmnist"] and imported == []
+    assert choices == ["synthetic"] + sorted(k for k in medmnist.INFO if not k.endswith("3d"))

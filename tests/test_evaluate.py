@@ -308,7 +308,7 @@ def test_main_rebuilds_checkpoint_and_writes_next_to_it(tmp_path):
               "seed": 0, "batch_size": 64}
     save_checkpoint(run_dir / "best.pt", {"model": net.state_dict(), "config": config,
                                           "arch": {"in_channels": 3, "num_classes": 9}})
-    m = E.main(["--checkpoint", str(run_dir / "best.pt"), "--device", "cpu", "--batch-size", "50"])
+    m = E.main(["--checkpoint", str(run_dir / "best.pt"), "--device", "cpu", "--batch-size", "50", "--amp", "off"])
 
     images = torch.from_numpy(real["test_images"][:120]).permute(0, 3, 1, 2).contiguous()
     scores = E.predict(net.eval(), images, 120, "cpu", "multi-class")

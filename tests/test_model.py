@@ -1,5 +1,6 @@
 """model.py: output and Grad-CAM shapes at every size, LightCNN's size and cost by hand, checkpoints that
-round-trip and refuse every bad file (an untrusted pickle included) with a clear error, parse_config."""
+round-trip and refuse every bad file (an untrusted pickle included) with a clear error, parse_config,
+the inference copy (BatchNorm folded) against the model itself, and the --amp choice."""
 import random
 from dataclasses import dataclass, field
 
@@ -7,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from model import (CheckpointError, LightCNN, build_model, count_flops, gradcam_layer, load_checkpoint,
-                   parse_config, read_checkpoint, save_checkpoint, set_seed)
+from model import (AdaptiveAvgPool7, CheckpointError, LightCNN, amp_dtype, build_model, count_flops,
+                   gradcam_layer, inference_copy, load_checkpoint, parse_config, read_checkpoint,
+                   save_checkpoint, set_seed)
 
 # (model, size, batch, expected Grad-CAM map side). ResNet-50 below 224 has a stride-1 stem and no
 # max-pool, so layer4 is size/8 rounded up; at 224 the ImageNet stem gives the usual 7x7.
@@ -232,3 +234,57 @@ def test_set_seed_covers_random_numpy_torch():
     assert draw() == a
     set_seed(8)
     assert all(x != y for x, y in zip(draw(), a))
+
+
+# ----------------------------------------------------------------------------- inference copy, precision
+
+def _with_batchnorm_statistics(net: torch.nn.Module) -> torch.nn.Module:
+    """Running statistics and affine parameters far from the defaults, so folding has work to do."""
+    g = torch.Generator().manual_seed(0)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            for t, lo, hi in ((m.running_mean, -1, 1), (m.running_var, 0.2, 3), (m.weight, 0.5, 2), (m.bias, -1, 1)):
+                t.data.copy_(torch.empty(t.shape).uniform_(lo, hi, generator=g))
+    return net.eval()
+
+
+@pytest.mark.parametrize("name,size", [("lightcnn", 28), ("lightcnn", 64), ("resnet50", 28)])
+def test_inference_copy_is_the_same_function_and_gradient(name, size):
+    torch.manual_seed(0)
+    net = _with_batchnorm_statistics(build_model(name, size=size))
+    fast = inference_copy(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert all(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules() if type(m).__name__ == "BatchNorm2d")
+    assert not any(p.requires_grad for p in fast.parameters()) and all(p.requires_grad for p in net.parameters())
+    x = torch.randn(3, 3, size, size, requires_grad=True)
+    y = net(x)
+    (g,) = torch.autograd.grad(y[:, 1].sum(), x)
+    x2 = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    y2 = fast(x2)
+    (g2,) = torch.autograd.grad(y2[:, 1].sum(), x2)
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+    assert rel(y2, y) < 1e-5  # BatchNorm folded: the same logits up to float rounding
+    # Input gradients, which IG and Grad-CAM use. ResNet-50's (with these large BatchNorm gains) are
+    # ill-conditioned: rounding flips ReLUs that sit on their kink, and channels_last alone, unfolded,
+    # moves them by 2% (measured), so its bound only catches a wrong fold.
+    assert rel(g2, g) < (1e-5 if name == "lightcnn" else 0.05)
+    # The Grad-CAM layer is found in the copy under the same name.
+    assert gradcam_layer(fast, name) is fast.get_submodule(dict(lightcnn="features.4", resnet50="layer4")[name])
+
+
+def test_adaptive_pool_passes_7x7_through():
+    pool, x = AdaptiveAvgPool7(), torch.randn(2, 4, 7, 7)
+    assert pool(x) is x
+    x16 = torch.randn(2, 4, 16, 16)
+    assert torch.equal(pool(x16), torch.nn.AdaptiveAvgPool2d(7)(x16))
+
+
+def test_amp_dtype_choices():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_dtype("off", cpu) is None and amp_dtype("off", cuda) is None
+    assert amp_dtype("on", cpu) == torch.bfloat16 and amp_dtype("on", cuda) == torch.float16
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert amp_dtype("auto", cpu) == (torch.bfloat16 if native else None)
+    assert amp_dtype("auto", cuda) == torch.float16 and amp_dtype("on", torch.device("meta")) is None
+    with pytest.raises(ValueError, match="auto"):
+        amp_dtype("bf16", cpu)

@@ -19,7 +19,7 @@ from sklearn.metrics import roc_auc_score
 import data
 import evaluate
 import train
-from model import CheckpointError, load_checkpoint, read_checkpoint
+from model import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 
 SIZES = (97, 45, 45)  # train/val/test; 45 holds every one of the 9 classes
 SEEN = 96  # the train images minus the last batch of one, which is skipped
@@ -205,6 +205,17 @@ def test_resume_equals_uninterrupted(events, tmp_path):
     assert len(rows_a) == len(rows_b) == 2 and strip(rows_a) == strip(rows_b)
     assert json.loads((b / "config.json").read_text())["epochs"] == 2
     assert [e for e in events if e[0] == "load" and "test" in e[2]] == [("load", "evaluate", ("test",))] * 3
+
+
+def test_resume_of_a_run_from_before_amp_auto(events, tmp_path):
+    """Runs recorded --amp as true/false before it took auto/on/off: they resume as on/off."""
+    run = fit(tmp_path / "run", "--epochs", "1", "--amp", "off")
+    state = read_checkpoint(run / "last.pt")
+    state["config"]["amp"] = False
+    save_checkpoint(run / "last.pt", state)
+    train.main(["--resume", str(run), "--epochs", "2", "--device", "cpu"])
+    assert load(run / "last.pt")["config"]["amp"] == "off"
+    assert json.loads((run / "config.json").read_text())["amp"] == "off"
 
 
 def test_resume_honours_a_lower_lr(events, tmp_path):
