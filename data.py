@@ -314,7 +314,8 @@ def augment(x: torch.Tensor, generator: torch.Generator, max_degrees: float = 10
         return torch.where(swap.view(n, 1, 1, 1), x.transpose(-1, -2), x)
     # Output pixel p samples the input at diag(sw, sh) @ T @ R(theta) @ p (grid coordinates x, y).
     theta = (r[:, 3] * 2 - 1) * math.radians(max_degrees)
-    rotation = torch.stack([torch.stack([theta.cos(), -theta.sin()], 1), torch.stack([theta.sin(), theta.cos()], 1)], 1)
+    cos, sin = theta.cos(), theta.sin()
+    rotation = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)
     rotation = torch.where(swap.view(n, 1, 1), rotation.flip(1), rotation)  # T swaps the rows
     signs = torch.stack([1 - 2 * flip_w.to(theta.dtype), 1 - 2 * flip_h.to(theta.dtype)], 1)
     affine = torch.cat([signs[:, :, None] * rotation, torch.zeros(n, 2, 1, device=x.device)], 2)

@@ -377,7 +377,6 @@ def plot_samples(images_uint8, y_true, y_pred, confidence, class_names: list[str
 
 # ----------------------------------------------------------------------------- model inference
 
-@torch.no_grad()
 @torch.inference_mode()
 def predict(model, images_uint8, batch_size: int, device, task: str, amp: str = "off") -> np.ndarray:
     """Class probabilities (softmax; sigmoid for multi-label) for uint8 (N, C, H, W) images.

@@ -167,8 +167,8 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype that --amp asks for on `device`; None means float32.
 
     on: float16 on CUDA (training adds gradient scaling), bfloat16 on CPU. auto: the same where the
-    hardware computes in it natively (CUDA; CPUs with AMX or AVX512-BF16), float32 elsewhere, where
-    emulated bfloat16 is slower than float32. off: float32 everywhere.
+    hardware computes in it natively (CUDA; CPUs with AMX or AVX512-BF16), float32 on other CPUs,
+    which would convert bfloat16 in software. off: float32 everywhere.
     """
     if amp not in AMP_CHOICES:
         raise ValueError(f"amp must be one of {AMP_CHOICES}, got {amp!r}")

@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> Path:
         optimizer = make_optimizer(net, cfg)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=2)
         dtype = amp_dtype(cfg.amp, device)
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        mixed, scaler = autocast(device, dtype), torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         log(f"precision: {precision_name(dtype)} on {device} (--amp {cfg.amp})")
         arch = {"in_channels": data.n_channels, "num_classes": data.num_classes, "task": data.task,
                 "class_names": data.class_names, "flag": data.flag, "data_source": data.source}
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> Path:
                     log(f"early stop: validation {cfg.monitor} has not improved for {stale} epochs")
                     break
                 order, generator = seed_epoch(cfg.seed, epoch, len(train), rank, world)
-                tr = train_one_epoch(model, train, order, optimizer, scaler, autocast(device, dtype), generator, cfg,
+                tr = train_one_epoch(model, train, order, optimizer, scaler, mixed, generator, cfg,
                                      f"epoch {epoch}/{cfg.epochs}", progress=rank == 0)
                 # Rank 0 validates; every rank takes its result, so all step and stop together.
                 va = from_rank0(validate(net, val, data, cfg, device) if rank == 0 else None)
