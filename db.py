@@ -677,7 +677,8 @@ def _encode(name: str, maps, n: int, dtype: str) -> tuple[str, list[bytes]]:
     bad = ((stored.view(np.uint16) & 0x7C00) == 0x7C00).any() if dtype == "float16" else \
         not np.isfinite(stored).all()
     if bad:
-        hint = " (float16 holds at most 65504: store as float32)" if dtype == "float16" else ""
+        hint = (" (float16 holds at most 65504: store float32, explain.py --store-dtype float32)"
+                if dtype == "float16" else "")
         raise ValueError(f"{name} has non-finite values{hint}")
     return ",".join(map(str, a.shape[1:])), [m.tobytes() for m in stored]
 

@@ -28,3 +28,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def lightcnn_with_fitted_head():
+    """make(n_train, lr, steps): a LightCNN whose frozen random features feed a classifier head
+    fitted for a moment on synthetic training images (full training is too slow on CPU for unit
+    tests): predictions vary, some right, some wrong. Seeded, so every number is reproducible."""
+    import torch.nn.functional as F
+
+    import data
+    from model import build_model
+
+    def make(n_train: int, lr: float, steps: int) -> torch.nn.Module:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            net = build_model("lightcnn").eval()
+            train = data.load_data("synthetic", 28, "data", ("train",), seed=0,
+                                   synthetic_sizes=(n_train, 10, 40)).splits["train"]
+            with torch.no_grad():
+                h = net.classifier[:5](net.features(data.normalize(train.images)))
+            head = net.classifier[5]
+            opt = torch.optim.Adam(head.parameters(), lr=lr)
+            for _ in range(steps):
+                opt.zero_grad()
+                F.cross_entropy(head(h), train.labels).backward()
+                opt.step()
+        return net
+    return make

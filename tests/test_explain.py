@@ -44,22 +44,12 @@ def _save(path: Path, name: str, net: torch.nn.Module) -> Path:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Module]]:
+def models(tmp_path_factory, lightcnn_with_fitted_head) -> dict[str, tuple[Path, torch.nn.Module]]:
     """A LightCNN whose classifier head is fitted for a moment (predictions vary, some right, some
     wrong) and an untrained ResNet-50; both seeded, so every number below is reproducible."""
     root = tmp_path_factory.mktemp("ckpt")
+    net = lightcnn_with_fitted_head(300, 1e-2, 200)
     with torch.random.fork_rng():
-        torch.manual_seed(0)
-        net = M.build_model("lightcnn").eval()
-        train = D.load_data("synthetic", 28, "data", ("train",), seed=0, synthetic_sizes=(300, 10, 60)).splits["train"]
-        with torch.no_grad():  # frozen random features, so only the last Linear is trained: fast on CPU
-            h = net.classifier[:5](net.features(D.normalize(train.images)))
-        head = net.classifier[5]
-        opt = torch.optim.Adam(head.parameters(), lr=1e-2)
-        for _ in range(200):
-            opt.zero_grad()
-            F.cross_entropy(head(h), train.labels).backward()
-            opt.step()
         torch.manual_seed(1)
         resnet = M.build_model("resnet50", size=28).eval()
     return {"lightcnn": (_save(root / "lightcnn" / "best.pt", "lightcnn", net), net),
@@ -87,6 +77,24 @@ def light_pred(nets, split) -> np.ndarray:
 def cli(checkpoint, db, *args, figures: bool = False) -> dict:
     return X.main(["--checkpoint", str(checkpoint), "--db", str(db), "--device", "cpu",
                    *([] if figures else ["--no-figures"]), *map(str, args)])
+
+
+@contextlib.contextmanager
+def crash_on_chunk(monkeypatch, method: str, n: int):
+    """Inside the block, the n-th batch `method` computes raises, as a crash would mid-run."""
+    real, calls = X.METHODS[method], []
+
+    def crashing(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError("simulated crash")
+        return real(*a, **k)
+
+    monkeypatch.setitem(X.METHODS, method, crashing)
+    try:
+        yield
+    finally:
+        monkeypatch.setitem(X.METHODS, method, real)
 
 
 def read(db, **filters) -> dict[str, np.ndarray]:
@@ -307,19 +315,9 @@ def test_rerun_adds_nothing_and_new_settings_or_models_add_rows(ckpt, split, lig
 
 def test_interrupted_run_resumes_to_the_same_database(ckpt, tmp_path, monkeypatch, capsys):
     args = ("--batch-size", 8, "--n", 40, "--ig-steps", 4)
-    real, calls = X.METHODS["ig"], []
-
-    def crash_on_third_chunk(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("simulated crash")
-        return real(*a, **k)
-
     resumed, clean = tmp_path / "resumed.db", tmp_path / "clean.db"
-    monkeypatch.setitem(X.METHODS, "ig", crash_on_third_chunk)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_on_chunk(monkeypatch, "ig", 3), pytest.raises(RuntimeError, match="simulated crash"):
         cli(ckpt["lightcnn"], resumed, *args)
-    monkeypatch.setitem(X.METHODS, "ig", real)
     partial = read(resumed)
     assert len(partial["index"]) == 16  # two committed chunks of 8, nothing of the third
     np.testing.assert_array_equal(partial["index"], np.arange(16))
@@ -484,18 +482,8 @@ def test_smoothgrad(nets, split, light_pred):
 
 def test_smoothgrad_resume_is_reproducible(ckpt, tmp_path, monkeypatch):
     args = ("--methods", "smoothgrad", "--batch-size", 2, "--n", 4, "--ig-steps", 4, "--nt-samples", 2)
-    real, calls = X.METHODS["smoothgrad"], []
-
-    def crash_on_second_chunk(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("simulated crash")
-        return real(*a, **k)
-
-    monkeypatch.setitem(X.METHODS, "smoothgrad", crash_on_second_chunk)
-    with pytest.raises(RuntimeError):
+    with crash_on_chunk(monkeypatch, "smoothgrad", 2), pytest.raises(RuntimeError, match="simulated crash"):
         cli(ckpt["lightcnn"], tmp_path / "resumed.db", *args)
-    monkeypatch.setitem(X.METHODS, "smoothgrad", real)
     cli(ckpt["lightcnn"], tmp_path / "resumed.db", *args)
     cli(ckpt["lightcnn"], tmp_path / "clean.db", *args)
     a, b = read(tmp_path / "resumed.db"), read(tmp_path / "clean.db")

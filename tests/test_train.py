@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 import data
-import evaluate
 import train
 from model import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 

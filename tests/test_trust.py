@@ -8,7 +8,6 @@ import sqlite3
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import data as D
 import explain as X
@@ -19,22 +18,8 @@ SYNTHETIC_SIZES = (10, 10, 40)
 
 
 @pytest.fixture(scope="module")
-def net() -> torch.nn.Module:
-    """A LightCNN whose frozen random features feed a classifier head fitted for a moment (as in
-    test_explain.py: full training is too slow on CPU for a unit test); seeded, so reproducible."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        net = M.build_model("lightcnn").eval()
-        train = D.load_data("synthetic", 28, "data", ("train",), seed=0, synthetic_sizes=(200, 10, 40)).splits["train"]
-        with torch.no_grad():
-            h = net.classifier[:5](net.features(D.normalize(train.images)))
-        head = net.classifier[5]
-        opt = torch.optim.Adam(head.parameters(), lr=2e-2)
-        for _ in range(100):
-            opt.zero_grad()
-            F.cross_entropy(head(h), train.labels).backward()
-            opt.step()
-    return net
+def net(lightcnn_with_fitted_head) -> torch.nn.Module:
+    return lightcnn_with_fitted_head(200, 2e-2, 100)
 
 
 @pytest.fixture(scope="module")
