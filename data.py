@@ -1,4 +1,4 @@
-"""Data: MedMNIST loading (download, MD5, validation), a synthetic stand-in, batches and augmentation.
+"""Data: MedMNIST loading (download, MD5, validation), the synthetic stand-in, augmentation.
 
     from data import load_data, normalize
     data = load_data("pathmnist", size=28, data_dir="./data", splits=("train", "val"))
@@ -27,10 +27,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SPLITS = ("train", "val", "test")
+from synthetic import SPLITS, SYNTHETIC_CLASSES, make_synthetic  # SPLITS: MedMNIST's split names
+
 SIZES = (28, 64, 128, 224)
 # The first seed's Normalize(0.5, 0.5), as in MedMNIST's own experiments: maps [0,1] to [-1,1].
 MEAN, STD = 0.5, 0.5
+
+# MedMNIST's task strings that change how labels and scores are read (INFO[flag]["task"]).
+MULTI_LABEL = "multi-label, binary-class"
+BINARY = "binary-class"
 
 PATHMNIST_CLASSES = ["adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
                      "normal colon mucosa", "cancer-associated stroma",
@@ -60,11 +65,22 @@ class Data:
     n_channels: int
     source: str                # the file the data came from, or how it was generated
     splits: dict[str, Split]
-    name: str = ""             # for figures and the database: "pathmnist_64", "synthetic-seed0", a file's stem
+    name: str = ""             # for figures: "pathmnist_64", "synthetic-seed0", a file's stem
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @functools.cached_property
+    def key(self) -> str:
+        """What identifies this data in a database: the name and a hash of the file's bytes (or of
+        the generator's settings), so two files with one stem, or two synthetic sets of other sizes,
+        never share keys, while a copied or moved file keeps its key."""
+        if self.flag == "synthetic":
+            digest = hashlib.sha256(self.source.encode()).hexdigest()
+        else:
+            digest = file_digest(self.source, "sha256")
+        return f"{self.name}-{digest[:12]}"
 
 
 @functools.cache
@@ -100,12 +116,10 @@ def npz_path(flag: str, size: int, data_dir: str | os.PathLike) -> Path:
     return Path(data_dir) / f"{flag}{suffix}.npz"
 
 
-def md5sum(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
+def file_digest(path: str | os.PathLike, algorithm: str) -> str:
+    """Hex digest of a file's bytes ("md5", "sha256"), read in blocks."""
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def download(flag: str, size: int, data_dir: str | os.PathLike) -> Path:
@@ -129,7 +143,7 @@ def download(flag: str, size: int, data_dir: str | os.PathLike) -> Path:
             f"{path} not found and downloading {url} failed ({getattr(e, 'reason', e)}); download it "
             f"on a machine with internet into {path.parent}, or pass --data-dir DIR_OR_FILE.npz, "
             f"or use --dataset synthetic") from None
-    got = md5sum(part)
+    got = file_digest(part, "md5")
     if got != md5:
         part.unlink()
         raise DataError(f"{url}: MD5 {got} does not match the expected {md5}; the download is "
@@ -185,9 +199,15 @@ def parse_split_sizes(text: str) -> tuple[int, int, int] | None:
     return sizes if len(sizes) == 3 and min(sizes) >= 1 else None
 
 
-def data_for_run(cfg: dict, splits: tuple[str, ...], data_dir: str = "") -> Data:
+def data_for_run(cfg: dict, splits: tuple[str, ...], data_dir: str = "", checkpoint: str = "") -> Data:
     """The data a training config (a checkpoint's "config") describes, from `data_dir` if given:
-    evaluate.py and explain.py rebuild the very same synthetic images from the seed and sizes."""
+    evaluate.py and explain.py rebuild the very same synthetic images from the seed and sizes.
+
+    A model trained on synthetic data knows shapes, not tissue: a `data_dir` is refused for it."""
+    if cfg["dataset"] == "synthetic" and data_dir:
+        raise DataError(f"{checkpoint or 'the checkpoint'} was trained on synthetic data, whose classes are "
+                        f"shapes, not tissue: it cannot be scored on {data_dir}; drop --data-dir to use its own "
+                        "synthetic split, or pass a checkpoint trained on PathMNIST images")
     sizes = parse_split_sizes(cfg.get("synthetic_sizes", "10000,2000,2000")) or (10000, 2000, 2000)
     return load_data(cfg["dataset"], cfg["size"], data_dir or cfg["data_dir"], splits,
                      seed=cfg.get("seed", 0), synthetic_sizes=sizes)
@@ -321,106 +341,6 @@ def augment(x: torch.Tensor, generator: torch.Generator, max_degrees: float = 10
     affine = torch.cat([signs[:, :, None] * rotation, torch.zeros(n, 2, 1, device=x.device)], 2)
     grid = F.affine_grid(affine.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
-# ------------------------------------------------------------------------------------------------
-# Synthetic H&E-like data whose class evidence is a local structure at a random place
-
-SYNTHETIC_CLASSES = ("disk", "ring", "target", "dots", "checker", "plus", "cross", "frame", "grid")
-# Real PathMNIST per-class mean colours (measured on ../shared/data/pathmnist28_real_test718.npz):
-# each synthetic image takes one at random, independent of its label, so colour alone tells nothing.
-_REAL_MEANS = np.array([[.875, .793, .868], [.481, .309, .525], [.736, .407, .778],
-                        [.729, .543, .699], [.749, .598, .752], [.763, .472, .651],
-                        [.744, .533, .698], [.755, .513, .702], [.691, .457, .642]], np.float32)
-_HEMATOXYLIN = np.array([0.36, 0.20, 0.52], np.float32)  # dark purple of stained nuclei
-
-
-def _pattern(c: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Ink in [0,1] of class c's structure at local coordinates u,v in [-1,1]^2.
-
-    Flips and 90-degree rotations map every pattern onto itself (the checkerboard onto its
-    inverse, still a checkerboard), so augmentation keeps the label.
-    """
-    r = torch.sqrt(u * u + v * v)
-    au, av = u.abs(), v.abs()
-    if c == 0:
-        m = r < 0.55
-    elif c == 1:
-        m = (r - 0.7).abs() < 0.16
-    elif c == 2:
-        m = (r < 0.25) | ((r - 0.8) .abs() < 0.13)
-    elif c == 3:
-        m = (torch.cos(u * 1.5 * math.pi) * torch.cos(v * 1.5 * math.pi)) > 0.55
-    elif c == 4:
-        m = (torch.sin(u * 1.5 * math.pi + 1e-3) * torch.sin(v * 1.5 * math.pi + 1e-3)) > 0
-    elif c == 5:
-        m = (au < 0.22) | (av < 0.22)
-    elif c == 6:
-        m = ((u - v).abs() < 0.3) | ((u + v).abs() < 0.3)
-    elif c == 7:
-        m = torch.maximum(au, av) > 0.68
-    else:
-        m = ((au - 0.5).abs() < 0.14) | ((av - 0.5).abs() < 0.14)
-    return m.float()
-
-
-def make_synthetic(size: int = 28, seed: int = 0, counts: dict | None = None,
-                   splits: tuple[str, ...] = SPLITS) -> dict[str, np.ndarray]:
-    """Synthetic data in MedMNIST's npz layout, plus `{split}_masks` marking the evidence region.
-
-    Background: a pink/purple H&E-like texture (smooth stain variation and nucleus-like dots) whose
-    colour is drawn from the real class means independently of the label. Evidence: one of nine
-    structures drawn in hematoxylin at a random place covering ~40% of the side. The images of a
-    split depend only on (seed, split, size), so changing other splits' counts changes nothing.
-    """
-    counts = counts or {"train": 10000, "val": 2000, "test": 2000}
-    out = {}
-    for k, split in enumerate(splits):
-        g = torch.Generator().manual_seed(seed * 1000 + SPLITS.index(split) * 7 + size)
-        n = counts[split]
-        labels = torch.arange(n) % 9
-        labels = labels[torch.randperm(n, generator=g)]
-        images, masks = _synthesize(labels, size, g)
-        out[f"{split}_images"] = images.permute(0, 2, 3, 1).numpy()
-        out[f"{split}_labels"] = labels.numpy().astype(np.uint8)[:, None]
-        out[f"{split}_masks"] = masks.numpy()
-    return out
-
-
-def _synthesize(labels: torch.Tensor, size: int, g: torch.Generator):
-    n, s = len(labels), size
-    rand = lambda *shape: torch.rand(*shape, generator=g)
-    # Stain colour per image, from a random real class mean (not the image's label) with jitter.
-    base = torch.from_numpy(_REAL_MEANS)[torch.randint(0, 9, (n,), generator=g)]
-    base = (base + (rand(n, 3) - 0.5) * 0.08).view(n, 3, 1, 1)
-    # Smooth stain variation: low-resolution noise upsampled.
-    low = F.interpolate(rand(n, 1, 4, 4) - 0.5, size=(s, s), mode="bicubic", align_corners=False)
-    img = base * (1 + 0.25 * low)
-    # Nucleus-like dots everywhere, independent of the label: they make single dots uninformative.
-    dots = (rand(n, 1, s, s) < 0.02).float()
-    k = max(1, round(s / 28))
-    dots = F.max_pool2d(dots, 2 * k - 1, stride=1, padding=k - 1) if k > 1 else dots
-    hema = torch.from_numpy(_HEMATOXYLIN).view(1, 3, 1, 1)
-    img = img + dots * 0.6 * (hema - img)
-    # The evidence: a structure in a random box of side 38-50% of the image.
-    side = (0.38 + 0.12 * rand(n)) * s
-    x0 = rand(n) * (s - side)
-    y0 = rand(n) * (s - side)
-    coords = torch.arange(s, dtype=torch.float32) + 0.5
-    u = (coords.view(1, 1, s) - x0.view(n, 1, 1)) / side.view(n, 1, 1) * 2 - 1
-    v = (coords.view(1, s, 1) - y0.view(n, 1, 1)) / side.view(n, 1, 1) * 2 - 1
-    u, v = u.expand(n, s, s), v.expand(n, s, s)
-    inside = (u.abs() <= 1) & (v.abs() <= 1)
-    ink = torch.zeros(n, s, s)
-    for c in range(9):
-        sel = labels == c
-        ink[sel] = _pattern(c, u[sel], v[sel])
-    ink = ink * inside
-    strength = (0.55 + 0.3 * rand(n)).view(n, 1, 1, 1)
-    img = img + strength * ink.unsqueeze(1) * (hema - img)
-    img = img + 0.03 * torch.randn(n, 3, s, s, generator=g)
-    images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
-    return images, inside
 
 
 if __name__ == "__main__":

@@ -7,13 +7,14 @@ target) holds the map as a float16/float32 blob, so thousands of maps can be que
     with ExplanationDB("runs/explanations.db") as db:
         m = db.add_model(sha256, "resnet18", cfg)
         s = db.add_setting("ig", {"steps": 64, "baseline": "zeros"})
-        ids = db.add_samples("pathmnist", 28, "test", indices, labels)
-        db.add_attributions(m, s, ids, targets, predicted, confidence, maps, deltas=deltas)
+        ids = db.add_samples(dataset="pathmnist-1a2b3c", size=28, split="test", indices=indices, labels=labels)
+        db.add_attributions(model_id=m, setting_id=s, sample_ids=ids, targets=targets, predicted=predicted,
+                            confidence=confidence, maps=maps, deltas=deltas)
         worst = db.top_errors(k=16, method="ig")   # worst["maps"]: (16, 3, 28, 28) float32
         rows = db.maps(model_id=m, setting_id=s)
         db.add_sample_metrics(rows["attribution_id"], "deletion_auc", aucs)   # trust metrics per map
-        db.add_summary_metric(m, s, "pathmnist", 28, "test", "deletion_auc", aucs.mean(), len(aucs),
-                              {"curve": mean_curve})
+        db.add_summary_metric(model_id=m, setting_id=s, dataset="pathmnist-1a2b3c", size=28, split="test",
+                              name="deletion_auc", value=aucs.mean(), n=len(aucs), detail={"curve": mean_curve})
         counts = db.merge_from("shard2.db")   # another file's rows, ids remapped; twice adds nothing
 """
 from __future__ import annotations
@@ -184,6 +185,11 @@ class DatabaseError(Exception):
     """The file cannot be used (damaged, foreign, newer schema, locked, read-only); one-line message."""
 
 
+class StoreError(DatabaseError, ValueError):
+    """Values the database cannot store as given (a map beyond float16's range, a sample whose
+    label changed under its key); nothing of the batch is stored, and the message names the remedy."""
+
+
 class ExplanationDB:
     """Store and query attribution maps; see the module docstring for a tour."""
 
@@ -270,7 +276,7 @@ class ExplanationDB:
             return conn.execute("SELECT id FROM settings WHERE method = ? AND params_json = ?",
                                 key).fetchone()[0]
 
-    def add_samples(self, dataset: str, size: int, split: str, indices, labels) -> np.ndarray:
+    def add_samples(self, *, dataset: str, size: int, split: str, indices, labels) -> np.ndarray:
         """Register samples of one data file; return their ids (int64) in input order."""
         indices = _ints("indices", indices)
         labels = _ints("labels", labels, len(indices))
@@ -283,10 +289,10 @@ class ExplanationDB:
                 "SELECT id, idx, label FROM samples WHERE dataset = ? AND size = ? AND split = ? "
                 "AND idx IN (SELECT value FROM json_each(?))", (*key, json.dumps(indices.tolist())))}
             for i, y in zip(indices.tolist(), labels.tolist()):
-                if stored[i][1] != y:  # the data file changed under the same dataset name
-                    raise ValueError(f"sample {dataset}/{size}/{split} index {i} has label {y} but "
-                                     f"the database stores {stored[i][1]}; the data file changed, "
-                                     "use a new dataset name")
+                if stored[i][1] != y:  # the data changed under the same dataset key
+                    raise StoreError(f"{self.path}: sample {dataset}/{size}/{split} index {i} has label {y} "
+                                     f"but the database stores {stored[i][1]}; the data changed under the same "
+                                     "key: give it another dataset key, or use another --db")
         return np.array([stored[i][0] for i in indices.tolist()], dtype=np.int64)
 
     def done_targets(self, model_id: int, setting_id: int, sample_ids) -> set[tuple[int, int]]:
@@ -297,7 +303,7 @@ class ExplanationDB:
             (int(model_id), int(setting_id), json.dumps(_ints("sample_ids", sample_ids).tolist())))
         return set(rows)
 
-    def add_attributions(self, model_id: int, setting_id: int, sample_ids, targets, predicted, confidence,
+    def add_attributions(self, *, model_id: int, setting_id: int, sample_ids, targets, predicted, confidence,
                          maps: np.ndarray, deltas=None, raw_maps=None, dtype: str = "float16",
                          replace: bool = True) -> int:
         """Store a batch of maps (N, ...) in one transaction; a rerun of a key replaces its row.
@@ -404,7 +410,7 @@ class ExplanationDB:
             raise ValueError(f"add_sample_metrics: {e} (unknown attribution_id?); nothing was stored") from e
         return len(rows)
 
-    def add_summary_metric(self, model_id: int, setting_id: int | None, dataset: str, size: int, split: str,
+    def add_summary_metric(self, *, model_id: int, setting_id: int | None, dataset: str, size: int, split: str,
                            name: str, value: float, n: int, detail: dict | None = None) -> None:
         """Store an aggregated metric; setting_id None for model-level ones. A rerun replaces the row.
 
@@ -679,7 +685,7 @@ def _encode(name: str, maps, n: int, dtype: str) -> tuple[str, list[bytes]]:
     if bad:
         hint = (" (float16 holds at most 65504: store float32, explain.py --store-dtype float32)"
                 if dtype == "float16" else "")
-        raise ValueError(f"{name} has non-finite values{hint}")
+        raise StoreError(f"{name} has non-finite values{hint}")
     return ",".join(map(str, a.shape[1:])), [m.tobytes() for m in stored]
 
 

@@ -1,30 +1,25 @@
-"""Networks, `build_model`, their Grad-CAM layers, checkpoints and run set-up.
+"""Networks, `build_model`, their Grad-CAM layers, what runs them (inference copy, predict) and
+checkpoints.
 
     from model import build_model, gradcam_layer, load_checkpoint
     net = build_model("resnet50", in_channels=3, num_classes=9, size=28)
     layer = gradcam_layer(net, "resnet50")               # layer4: 4x4 at 28, 7x7 at 224
     net, cfg, ckpt = load_checkpoint("runs/latest/best.pt")
+    probs = predict(net, images_uint8, batch_size=128, device="cpu", task="multi-class")
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import copy
-import dataclasses
-import hashlib
 import os
-import random
-import signal
-import sys
-import threading
-import typing
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from data import MULTI_LABEL, normalize
+from runtime import amp_dtype, autocast
 
 MODELS = ("lightcnn", "resnet50")
 CHECKPOINT_FORMAT = 1
@@ -157,147 +152,23 @@ def inference_copy(model: nn.Module) -> nn.Module:
     return net.requires_grad_(False).to(memory_format=torch.channels_last)
 
 
-# ------------------------------------------------------------------------------------------------
-# Mixed precision
+@torch.inference_mode()
+def predict(model: nn.Module, images_uint8: torch.Tensor, batch_size: int, device, task: str,
+            amp: str = "off") -> np.ndarray:
+    """Class probabilities (softmax; sigmoid for multi-label) for uint8 (N, C, H, W) images.
 
-AMP_CHOICES = ("auto", "on", "off")
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype that --amp asks for on `device`; None means float32.
-
-    on: float16 on CUDA (training adds gradient scaling), bfloat16 on CPU. auto: the same where the
-    hardware computes in it natively (CUDA; CPUs with AMX or AVX512-BF16), float32 on other CPUs,
-    which would convert bfloat16 in software. off: float32 everywhere.
-    """
-    if amp not in AMP_CHOICES:
-        raise ValueError(f"amp must be one of {AMP_CHOICES}, got {amp!r}")
-    if amp == "off" or device.type not in ("cuda", "cpu"):
-        return None
-    if device.type == "cuda":
-        return torch.float16
-    native = any(getattr(torch.cpu, check, lambda: False)()
-                 for check in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-    return torch.bfloat16 if amp == "on" or native else None
-
-
-def precision_name(dtype: torch.dtype | None) -> str:
-    return "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """torch.autocast in `dtype` on `device`, or nothing when dtype is None (float32)."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-# ------------------------------------------------------------------------------------------------
-# Run set-up: config from the command line, seeding, device, processes, signals
-
-class _OneLineErrors(argparse.ArgumentParser):
-    """A command-line mistake is one line on stderr, not a screenful of usage above it."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
-
-
-def parse_config(cls, argv: list[str] | None = None, description: str | None = None):
-    """Build argparse from a dataclass: one --flag per field, its comment (metadata help) and
-    default in --help, `choices` from metadata; unknown flags are errors."""
-    p = _OneLineErrors(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        flag = "--" + f.name.replace("_", "-")
-        extra = {k: f.metadata[k] for k in ("choices", "type") if k in f.metadata}
-        if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                           help=f.metadata.get("help", ""))
-        else:
-            p.add_argument(flag, type=extra.pop("type", kind), default=f.default,
-                           help=f.metadata.get("help", ""), **extra)
-    args = p.parse_args(argv)
-    cfg = cls(**vars(args))
-    problem = cfg.check() if hasattr(cfg, "check") else None
-    if problem:
-        p.error(problem)
-    return cfg
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-@contextlib.contextmanager
-def distributed(device: str = "auto") -> Iterator[tuple[torch.device, int, int]]:
-    """(device, rank, world size) of this process: one plain process, or one of torchrun's.
-
-    torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; its processes (even a single one) join one
-    group, NCCL on CUDA and gloo on CPU, for as long as the block runs, each on GPU LOCAL_RANK of
-    its machine.
-    """
-    dev = resolve_device(device)
-    if "LOCAL_RANK" not in os.environ:
-        yield dev, 0, 1
-        return
-    if dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(dev)
-    torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    try:
-        yield dev, torch.distributed.get_rank(), torch.distributed.get_world_size()
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over all processes, in place; itself in a single process."""
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-    return t
-
-
-def from_rank0(obj):
-    """Rank 0's value of a picklable object, on every process (decisions all must take together)."""
-    if not torch.distributed.is_initialized():
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that both unwind the same way."""
-
-
-@contextlib.contextmanager
-def exit_on_interrupt(hint: Callable[[], str], quiet: bool = False) -> Iterator[None]:
-    """Ctrl-C (SIGINT) or SIGTERM (a scheduler pre-empting the job, torchrun stopping its
-    processes) inside the block: stop where the process is, print hint() unless `quiet`, and exit
-    with 128 + the signal number (130 for Ctrl-C). Nothing is saved here: checkpoints are written
-    atomically, so the last complete one is what a resume starts from.
-    """
-    def terminate(signum, frame):
-        raise _Terminated()
-
-    main_thread = threading.current_thread() is threading.main_thread()  # signal.signal's rule
-    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
-    try:
-        yield
-    except KeyboardInterrupt as e:
-        if not quiet:
-            print(hint(), file=sys.stderr, flush=True)
-        raise SystemExit(128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)) from None
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    Runs an inference_copy of the model (BatchNorm folded, channels_last) under --amp's autocast;
+    probabilities are computed in float32 from the logits either way."""
+    device = torch.device(device)
+    net, dtype = inference_copy(model), amp_dtype(amp, device)
+    activation = torch.sigmoid if task == MULTI_LABEL else (lambda z: torch.softmax(z, dim=1))
+    probs = []
+    for start in range(0, len(images_uint8), batch_size):
+        x = normalize(images_uint8[start:start + batch_size].to(device, non_blocking=True))
+        with autocast(device, dtype):
+            logits = net(x.contiguous(memory_format=torch.channels_last))
+        probs.append(activation(logits.float()).cpu())
+    return torch.cat(probs).numpy()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -354,11 +225,3 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise CheckpointError(f"{path}: weights do not fit a {cfg['model']} at size {cfg['size']} ({first}); "
                               f"the checkpoint is from another model, or damaged") from None
     return model.to(device).eval(), cfg, ckpt
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()

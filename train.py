@@ -28,20 +28,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-import evaluate
 from data import SIZES, DataError, augment, dataset_choices, load_data, normalize, parse_split_sizes
-from model import (AMP_CHOICES, MODELS, CheckpointError, all_reduce_sum, amp_dtype, autocast, build_model,
-                   count_flops, distributed, exit_on_interrupt, from_rank0, parse_config, precision_name,
-                   read_checkpoint, save_checkpoint, set_seed)
+from figures import plot_training_curves
+from metrics import compute_metrics
+from model import MODELS, CheckpointError, build_model, count_flops, predict, read_checkpoint, save_checkpoint
+from report import score_checkpoint, write_report
+from runtime import (AMP_CHOICES, all_reduce_sum, amp_dtype, autocast, distributed, exit_on_interrupt,
+                     exit_with_one_line, from_rank0, parse_args, precision_name, set_seed)
 
 
 @dataclass
@@ -52,27 +51,22 @@ class TrainConfig:
     data_dir: str = field(default="data", metadata={"help": "folder with MedMNIST .npz files (downloaded if missing), or one .npz file"})
     model: str = field(default="lightcnn", metadata={"help": "network", "choices": MODELS})
     pretrained: bool = field(default=False, metadata={"help": "start resnet50 from ImageNet weights (downloads them)"})
-    epochs: int = field(default=25, metadata={"help": "maximum epochs (the seed's 25)"})
-    batch_size: int = field(default=128, metadata={"help": "training batch per process; 128 keeps BatchNorm statistics stable and CPUs busy"})
-    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (the seed's)"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "Adam L2 penalty; small, the network already has dropout"})
-    patience: int = field(default=6, metadata={"help": "early stopping: epochs without validation improvement"})
+    epochs: int = field(default=25, metadata={"min": 1, "help": "maximum epochs (the seed's 25)"})
+    batch_size: int = field(default=128, metadata={"min": 1, "help": "training batch per process; 128 keeps BatchNorm statistics stable and CPUs busy"})
+    lr: float = field(default=1e-3, metadata={"above": 0, "help": "Adam learning rate (the seed's)"})
+    weight_decay: float = field(default=1e-4, metadata={"min": 0, "help": "Adam L2 penalty; small, the network already has dropout"})
+    patience: int = field(default=6, metadata={"min": 1, "help": "early stopping: epochs without validation improvement"})
     monitor: str = field(default="acc", metadata={"help": "validation metric that selects best.pt", "choices": ("acc", "auc")})
     augment: bool = field(default=True, metadata={"help": "flips, 90-degree and small rotations on each batch"})
-    seed: int = field(default=0, metadata={"help": "seeds weights, data order, augmentation and synthetic data"})
+    seed: int = field(default=0, metadata={"min": 0, "help": "seeds weights, data order, augmentation and synthetic data"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ... (under torchrun: cuda:LOCAL_RANK)"})
     amp: str = field(default="auto", metadata={"help": "mixed precision: fp16 on CUDA, bf16 on CPU; auto: where the hardware has it (CUDA, CPUs with AMX/AVX512-BF16)", "choices": AMP_CHOICES})
-    eval_batch_size: int = field(default=128, metadata={"help": "batch for validation and test inference (128 stays in a CPU's cache)"})
+    eval_batch_size: int = field(default=128, metadata={"min": 1, "help": "batch for validation and test inference (128 stays in a CPU's cache)"})
     out: str = field(default="", metadata={"help": "run folder (default runs/DATASET-MODEL-SIZE-TIME)"})
     resume: str = field(default="", metadata={"help": "run folder to continue from its last.pt (its config is reused; --epochs may extend it)"})
 
     def check(self) -> str | None:
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                return f"--{name.replace('_', '-')} must be at least 1"
-        if not (self.lr > 0 and self.weight_decay >= 0 and self.patience >= 1):
-            return "--lr must be > 0, --weight-decay >= 0 and --patience >= 1"
-        if not 0 <= self.seed < 2**32:
+        if not self.seed < 2**32:
             return "--seed must be in [0, 2**32)"
         if self.amp not in AMP_CHOICES:
             return f"--amp must be one of {', '.join(AMP_CHOICES)}"
@@ -151,66 +145,30 @@ def make_optimizer(net, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def validate(model, split, data, cfg, device) -> dict:
     """Loss, accuracy and AUC on a held-out split, from the same predict() evaluate.py uses."""
-    scores = evaluate.predict(model, split.images, cfg.eval_batch_size, device, data.task, cfg.amp)
+    scores = predict(model, split.images, cfg.eval_batch_size, device, data.task, cfg.amp)
     if not np.isfinite(scores).all():  # diverged weights: main() stops the run on the NaN loss
         return {"loss": math.nan, "acc": math.nan, "auc": math.nan}
     y = split.labels.numpy()
-    m = evaluate.compute_metrics(y, scores, data.task, data.class_names)
+    m = compute_metrics(y, scores, data.task, data.class_names)
     p = np.clip(scores, 1e-12, 1 - 1e-7)
     loss = (-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean() if y.ndim == 2
             else -np.log(p[np.arange(len(y)), y]).mean())
     return {"loss": float(loss), "acc": m["acc"], "auc": m["auc"]}
 
 
-def plot_curves(rows: list[dict], path: Path, title: str) -> None:
-    """Loss and accuracy per epoch, training vs validation."""
-    epochs = [r["epoch"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key in zip(axes, ("loss", "acc")):
-        ax.plot(epochs, [r[f"train_{key}"] for r in rows], "o-", label="train (augmented)")
-        ax.plot(epochs, [r[f"val_{key}"] for r in rows], "s-", label="validation")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel({"loss": "cross-entropy loss", "acc": "accuracy"}[key])
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> Path:
-    cfg = parse_config(TrainConfig, argv, description=__doc__.split("\n")[0])
-    resume_ckpt, given = None, {}
+    cfg, given = parse_args(TrainConfig, argv, description=__doc__.split("\n")[0])
+    resume_ckpt = None
     if cfg.resume:
-        cfg, resume_ckpt, given = resume_config(cfg)
+        cfg, resume_ckpt = resume_config(cfg, given)
     set_seed(cfg.seed)
     with distributed(cfg.device) as (device, rank, world):
         log = print if rank == 0 else _silent
-
         # Data: train and validation only; the test split is not read until training is over.
-        data = load_data(cfg.dataset, cfg.size, cfg.data_dir, ("train", "val"), seed=cfg.seed,
-                         synthetic_sizes=parse_split_sizes(cfg.synthetic_sizes))
-        train, val = (data.splits[s] for s in ("train", "val"))
-        if len(train) // world < 2:
-            raise DataError(f"{data.source}: {len(train)} training images are too few for {world} "
-                            f"process(es); use more images or fewer processes")
-        train.images, train.labels = train.images.to(device), train.labels.to(device)
-        log(f"data: {data.source}: {len(train)} train / {len(val)} val images, {data.num_classes} classes")
+        data, train, val = load_train_val(cfg, device, world, log)
 
         # Model, optimiser, schedule; a resumed run's state. All checked before anything is written.
-        net = build_model(cfg.model, data.n_channels, data.num_classes, cfg.size, cfg.pretrained)
-        log(f"model: {cfg.model}, {sum(p.numel() for p in net.parameters()):,} parameters, "
-            f"{count_flops(net, (data.n_channels, cfg.size, cfg.size)) / 1e6:.1f} M MACs per image")
-        net = net.to(device, memory_format=torch.channels_last)
-        optimizer = make_optimizer(net, cfg)
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=2)
-        dtype = amp_dtype(cfg.amp, device)
-        mixed, scaler = autocast(device, dtype), torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        log(f"precision: {precision_name(dtype)} on {device} (--amp {cfg.amp})")
-        arch = {"in_channels": data.n_channels, "num_classes": data.num_classes, "task": data.task,
-                "class_names": data.class_names, "flag": data.flag, "data_source": data.source}
+        net, optimizer, scheduler, mixed, scaler = build_training(cfg, data, device, pretrained=not resume_ckpt, log=log)
         start, best, stale = 1, -math.inf, 0
         if resume_ckpt:
             start, best, stale = restore(resume_ckpt, Path(cfg.resume) / "last.pt", net, optimizer,
@@ -239,13 +197,11 @@ def main(argv: list[str] | None = None) -> Path:
                 score = va[cfg.monitor] if math.isfinite(va[cfg.monitor]) else -math.inf  # AUC is NaN if a class is absent
                 improved = score > best or epoch == 1
                 best, stale = (score, 0) if improved else (best, stale + 1)
-                rows.append({"epoch": epoch, **{f"train_{k}": v for k, v in tr.items() if k in ("loss", "acc")},
-                             **{f"val_{k}": v for k, v in va.items()}, "lr": optimizer.param_groups[0]["lr"],
-                             "seconds": tr["seconds"], "images_per_s": tr["images_per_s"]})
+                rows.append(epoch_row(epoch, tr, va, optimizer))
                 if rank == 0:
                     state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "epoch": epoch, "best_metric": best,
-                             "stale_epochs": stale, "config": asdict(cfg), "arch": arch,
+                             "stale_epochs": stale, "config": asdict(cfg), "arch": data_arch(data),
                              # A record only: the next epoch reseeds (seed_epoch), resumed or not.
                              "rng": {"torch": torch.get_rng_state(), "data": generator.get_state()}}
                     save_epoch(run_dir, rows, state, improved)
@@ -254,35 +210,79 @@ def main(argv: list[str] | None = None) -> Path:
                     f"{tr['seconds']:.1f}s {tr['images_per_s']:.0f} img/s{' *' if improved else ''}")
 
             if rank == 0:
-                plot_curves(rows, run_dir / "images" / "training_curves.png", f"{cfg.model} on {data.source}")
+                plot_training_curves(rows, run_dir / "images" / "training_curves.png", f"{cfg.model} on {data.source}")
                 # The one look at the test split: the checkpoint selected on validation.
                 print(f"best checkpoint (val {cfg.monitor} {best:.4f}) on the test split:")
-                evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--device", str(device),
-                               "--batch-size", str(cfg.eval_batch_size), "--amp", cfg.amp])
+                checkpoint = str(run_dir / "best.pt")
+                scored = score_checkpoint(checkpoint, "test", cfg.eval_batch_size, cfg.amp, str(device))
+                write_report(scored, run_dir, "", {"checkpoint": checkpoint, "split": "test", "amp": cfg.amp,
+                                                   "batch_size": cfg.eval_batch_size, "device": str(device)})
     return run_dir
+
+
+def load_train_val(cfg: TrainConfig, device, world: int, log):
+    """(data, train split on the device, validation split) of the run's dataset."""
+    data = load_data(cfg.dataset, cfg.size, cfg.data_dir, ("train", "val"), seed=cfg.seed,
+                     synthetic_sizes=parse_split_sizes(cfg.synthetic_sizes))
+    train, val = (data.splits[s] for s in ("train", "val"))
+    if len(train) // world < 2:
+        raise DataError(f"{data.source}: {len(train)} training images are too few for {world} "
+                        f"process(es); use more images or fewer processes")
+    train.images, train.labels = train.images.to(device), train.labels.to(device)
+    log(f"data: {data.source}: {len(train)} train / {len(val)} val images, {data.num_classes} classes")
+    return data, train, val
+
+
+def build_training(cfg: TrainConfig, data, device, pretrained: bool, log):
+    """Network, optimiser, schedule, autocast context and gradient scaler. A resumed run passes
+    pretrained=False: its weights come from last.pt, so ImageNet's are not downloaded again."""
+    net = build_model(cfg.model, data.n_channels, data.num_classes, cfg.size, cfg.pretrained and pretrained)
+    log(f"model: {cfg.model}, {sum(p.numel() for p in net.parameters()):,} parameters, "
+        f"{count_flops(net, (data.n_channels, cfg.size, cfg.size)) / 1e6:.1f} M MACs per image")
+    net = net.to(device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(net, cfg)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=2)
+    dtype = amp_dtype(cfg.amp, device)
+    log(f"precision: {precision_name(dtype)} on {device} (--amp {cfg.amp})")
+    return (net, optimizer, scheduler, autocast(device, dtype),
+            torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
+
+
+def data_arch(data) -> dict:
+    """What a checkpoint records of its data, so that evaluate.py and explain.py rebuild the model."""
+    return {"in_channels": data.n_channels, "num_classes": data.num_classes, "task": data.task,
+            "class_names": data.class_names, "flag": data.flag, "data_source": data.source}
+
+
+def epoch_row(epoch: int, tr: dict, va: dict, optimizer) -> dict:
+    """One metrics.csv row."""
+    return {"epoch": epoch, **{f"train_{k}": v for k, v in tr.items() if k in ("loss", "acc")},
+            **{f"val_{k}": v for k, v in va.items()}, "lr": optimizer.param_groups[0]["lr"],
+            "seconds": tr["seconds"], "images_per_s": tr["images_per_s"]}
 
 
 # ------------------------------------------------------------------------------------------------
 # Resume, run folder, checkpoints
 
-def resume_config(cfg: TrainConfig) -> tuple[TrainConfig, dict, dict]:
+def resume_config(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, dict]:
     """The run's own config and its last.pt, with the RESUME_OVERRIDES that the command line
-    gives; also those given values. A checkpoint that does not fit is a CheckpointError."""
+    gives (`given`: the flags typed, whatever their value). A checkpoint that does not fit is a
+    CheckpointError."""
     path = Path(cfg.resume) / "last.pt"
     ckpt = read_checkpoint(path)
-    given = {k: getattr(cfg, k) for k in RESUME_OVERRIDES if getattr(cfg, k) != getattr(TrainConfig(), k)}
+    overrides = {k: getattr(cfg, k) for k in RESUME_OVERRIDES if k in given}
     try:
         saved = {**ckpt["config"]}
         if isinstance(saved.get("amp"), bool):  # runs from before --amp auto
             saved["amp"] = "on" if saved["amp"] else "off"
-        resumed = TrainConfig(**{**saved, **given, "resume": cfg.resume, "out": cfg.resume})
+        resumed = TrainConfig(**{**saved, **overrides, "resume": cfg.resume, "out": cfg.resume})
         problem = resumed.check()
     except (TypeError, ValueError) as e:
         problem = str(e)
     if problem:
         raise CheckpointError(f"{path}: its config does not describe a run of this train.py ({problem}); "
                               f"pass a run folder written by train.py")
-    return resumed, ckpt, given
+    return resumed, ckpt
 
 
 def restore(ckpt: dict, path: Path, net, optimizer, scheduler, lr: float | None) -> tuple[int, float, int]:
@@ -390,9 +390,7 @@ def _read_metrics(path: Path) -> list[dict]:
 
 if __name__ == "__main__":
     try:
-        main()
-    except (DataError, CheckpointError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+        exit_with_one_line(main, (DataError, CheckpointError, FloatingPointError))
     except KeyboardInterrupt:  # outside exit_on_interrupt: before the run folder was written
         print("interrupted before training started: run the same command again", file=sys.stderr)
         sys.exit(130)

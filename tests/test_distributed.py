@@ -19,8 +19,9 @@ from model import build_model, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_IMAGES = 96
+# float32 (--amp off), so that the recomputations below are exact on every CPU
 FLAGS = ["--dataset", "synthetic", "--synthetic-sizes", f"{TRAIN_IMAGES},48,48", "--device", "cpu",
-         "--batch-size", "16", "--eval-batch-size", "64"]
+         "--batch-size", "16", "--eval-batch-size", "64", "--amp", "off"]
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -50,9 +51,9 @@ def test_epoch_draws_depend_on_seed_epoch_and_rank_only():
 
 # ----------------------------------------------------------------------------- torchrun
 
-def torchrun(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+def torchrun(cwd: Path, *args: str, script: Path = REPO / "train.py") -> subprocess.CompletedProcess:
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(REPO / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=180)
+                        str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
 
@@ -95,3 +96,25 @@ def test_torchrun_two_processes_one_set_of_outputs_and_resume(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2] and rows[0] == row
     assert rows[1]["images_per_s"] * rows[1]["seconds"] == pytest.approx(TRAIN_IMAGES, rel=1e-9)
     assert torch.load(run / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 2
+
+
+def test_ranks_train_on_disjoint_images_and_end_with_the_same_weights(tmp_path):
+    """Each rank trains on its own half of every epoch, and DDP's gradient averaging keeps the two
+    copies of the network identical: without the DDP wrap each rank would fit its own half and the
+    weights would drift apart after the first step."""
+    torchrun(tmp_path, str(tmp_path), *FLAGS, "--epochs", "2", "--out", str(tmp_path / "run"),
+             script=REPO / "tests" / "ddp_probe.py")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for epoch in range(2):
+        a, b = (r["orders"][epoch] for r in ranks)
+        assert len(a) == len(b) == TRAIN_IMAGES // 2
+        assert not set(a.tolist()) & set(b.tolist())  # disjoint
+        assert set(a.tolist()) | set(b.tolist()) == set(range(TRAIN_IMAGES))  # together: every image
+    assert not torch.equal(ranks[0]["orders"][0], ranks[0]["orders"][1])  # a new order each epoch
+    p0, p1 = ranks[0]["params"], ranks[1]["params"]
+    assert p0.keys() == p1.keys()
+    for name in p0:
+        assert torch.equal(p0[name], p1[name]), name
+    # ... and they are the weights rank 0 saved.
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(saved[name], p0[name]) for name in p0)

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+import attribution as A
 import data as D
 import explain as X
 import model as M
+import trust as T
 from db import ExplanationDB
 
 SYNTHETIC_SIZES = (10, 10, 40)
@@ -37,15 +39,15 @@ def predicted(net, images) -> torch.Tensor:
 def test_spearman_hand_case_with_ties():
     # a ranks (1, 2.5, 2.5, 4), b ranks (1, 3, 2, 4): centred (-1.5, 0, 0, 1.5) and (-1.5, .5, -.5, 1.5),
     # so rho = 4.5 / sqrt(4.5 * 5) = 3 / sqrt(10).
-    np.testing.assert_array_equal(X.average_ranks(np.array([[1.0, 2, 2, 3], [3, 1, 3, 3]])),
+    np.testing.assert_array_equal(T.average_ranks(np.array([[1.0, 2, 2, 3], [3, 1, 3, 3]])),
                                   [[1, 2.5, 2.5, 4], [3, 1, 3, 3]])
-    rho = X.spearman(np.array([[1.0, 2, 2, 3], [0, 1, 2, 3], [5, 5, 5, 5]]),
+    rho = T.spearman(np.array([[1.0, 2, 2, 3], [0, 1, 2, 3], [5, 5, 5, 5]]),
                      np.array([[1.0, 3, 2, 4], [3, 2, 1, 0], [1, 2, 3, 4]]))
     np.testing.assert_allclose(rho[:2], [3 / np.sqrt(10), -1.0], rtol=1e-12)
     assert np.isnan(rho[2])  # a constant map has no ranking
     # Monotone transforms keep it at 1; maps (N, H, W) are flattened per image.
     m = np.random.default_rng(0).standard_normal((3, 5, 5))
-    np.testing.assert_allclose(X.spearman(m, np.exp(m)), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(T.spearman(m, np.exp(m)), 1.0, rtol=1e-12)
 
 
 def test_spearman_matches_scipy():
@@ -53,27 +55,27 @@ def test_spearman_matches_scipy():
     rng = np.random.default_rng(1)
     a, b = rng.integers(0, 4, (6, 50)).astype(float), rng.standard_normal((6, 50))  # many ties in a
     expected = [stats.spearmanr(x, y).statistic for x, y in zip(a, b)]
-    np.testing.assert_allclose(X.spearman(a, b), expected, rtol=1e-10)
+    np.testing.assert_allclose(T.spearman(a, b), expected, rtol=1e-10)
 
 
 # ----------------------------------------------------------------------------- sanity check
 
 def test_randomisation_stages_run_from_the_output_by_block():
-    stages = X.randomisation_stages(M.build_model("lightcnn"))
+    stages = T.randomisation_stages(M.build_model("lightcnn"))
     assert [s for s, _ in stages] == ["classifier.5", "classifier.2", "features.4", "features.3",
                                       "features.1", "features.0"]
     assert stages[2][1] == ["features.4.0", "features.4.1"]  # conv and its BatchNorm together
-    names = [s for s, _ in X.randomisation_stages(M.build_model("resnet50", size=28))]
+    names = [s for s, _ in T.randomisation_stages(M.build_model("resnet50", size=28))]
     assert names[:2] == ["fc", "layer4.2"] and names[-3:] == ["layer1.0", "bn1", "conv1"] and len(names) == 19
 
 
-@pytest.mark.parametrize("control", sorted(X.CONTROLS))
+@pytest.mark.parametrize("control", sorted(T.CONTROLS))
 def test_sanity_check_flags_maps_that_ignore_the_model(net, split, control):
     """The input itself and a Sobel edge map stay perfectly correlated however random the model gets."""
     images, t = split.images[:8], predicted(net, split.images[:8])
     cfg = X.ExplainConfig(batch_size=4)
-    original, _ = X.attribute(X.CONTROLS[control], net, None, images, t, cfg, "cpu")
-    out = X.sanity_check(net, None, X.CONTROLS[control], images, t, original, cfg, "cpu")
+    original, _ = A.attribute_batches(T.CONTROLS[control], net, None, images, t, cfg, "cpu", cfg.batch_size)
+    out = T.sanity_check(net, None, T.CONTROLS[control], images, t, original, cfg, "cpu")
     assert len(out["layers"]) == 7 and out["layers"][0] == "none"
     np.testing.assert_allclose(out["abs"], 1.0, rtol=1e-9)
     np.testing.assert_allclose(out["signed"], 1.0, rtol=1e-9)
@@ -88,13 +90,14 @@ def test_sanity_check_decorrelates_methods_that_use_the_model(net, split, method
     cfg = X.ExplainConfig(batch_size=8, ig_steps=4)
     layer = "features.4" if method == "gradcam" else None
     module = net.get_submodule(layer) if layer else None
-    original, _ = X.attribute(X.METHODS[method], net, module, images, t, cfg, "cpu")
+    original, _ = A.attribute_batches(A.METHODS[method].attribute, net, module, images, t, cfg, "cpu", cfg.batch_size)
     before = [p.detach().clone() for p in net.parameters()]
-    out = X.sanity_check(net, layer, X.METHODS[method], images, t, original, cfg, "cpu")
+    out = T.sanity_check(net, layer, A.METHODS[method].attribute, images, t, original, cfg, "cpu")
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # randomised a copy only
     assert out["abs"][0] > 0.99 and out["signed"][0] > 0.99
     assert out["abs"][-1] < 0.3 and out["signed"][-1] < 0.3, out
-    assert out["last_abs"].shape == (8,)
+    assert out["per_map_abs"].shape == (8, 7)
+    np.testing.assert_allclose(np.nanmean(out["per_map_abs"], 0), out["abs"])  # the means of the per-map values
 
 
 # ----------------------------------------------------------------------------- localisation
@@ -107,7 +110,7 @@ def test_relevance_mass_and_pointing_game():
                           torch.zeros(10, 10).index_put_((torch.tensor(3), torch.tensor(4)), torch.tensor(5.0)),
                           -torch.ones(10, 10)])                    # nothing positive
     scores[2, 0, 0] = 4.0  # the peak (5 at row 3, col 4) is inside; a lower bump outside
-    out = X.localisation(scores, masks)
+    out = T.localisation(scores, masks)
     assert out["relevance_mass"][0] == 1.0
     assert abs(out["relevance_mass"][1] - 0.18) < 1e-6
     assert abs(out["relevance_mass"][2] - 5 / 9) < 1e-12
@@ -116,7 +119,7 @@ def test_relevance_mass_and_pointing_game():
     assert out["pointing_game"][3] == pytest.approx(0.18)  # all tied: a random pick
     np.testing.assert_allclose(out["area"], 0.18)
     scores[2, 0, 0] = 6.0  # now the peak is outside
-    assert X.localisation(scores, masks)["pointing_game"][2] == 0.0
+    assert T.localisation(scores, masks)["pointing_game"][2] == 0.0
 
 
 # ----------------------------------------------------------------------------- deletion / insertion
@@ -138,28 +141,28 @@ def test_deletion_of_an_ideal_map_drops_faster_than_a_random_order():
     t = torch.zeros(6, dtype=torch.int64)
     cfg = X.ExplainConfig(curve_steps=20, batch_size=4)
     net = RegionModel()
-    curves = X.deletion_insertion(net, images, t, ideal, cfg, "cpu")
+    curves = T.deletion_insertion(net, images, t, ideal, cfg, "cpu")
     assert all(c.shape == (6, 21) for c in curves.values())
     x = D.normalize(images)
     p = lambda z: torch.softmax(net(z), 1)[:, 0]
     for order in ("", "_random"):  # the curves start and end where they must
         torch.testing.assert_close(curves["deletion" + order][:, 0], p(x))
-        torch.testing.assert_close(curves["deletion" + order][:, -1], p(X.make_baseline(x, "black")))
-        torch.testing.assert_close(curves["insertion" + order][:, 0], p(X.make_baseline(x, "blur")))
+        torch.testing.assert_close(curves["deletion" + order][:, -1], p(A.make_baseline(x, "black")))
+        torch.testing.assert_close(curves["insertion" + order][:, 0], p(A.make_baseline(x, "blur")))
         torch.testing.assert_close(curves["insertion" + order][:, -1], p(x))
-    auc = {k: X.curve_auc(c) for k, c in curves.items()}
+    auc = {k: T.curve_auc(c) for k, c in curves.items()}
     # The region is 64 of 784 pixels: the ideal order has removed it after 1/12 of the axis.
     assert (auc["deletion"] < auc["deletion_random"] - 0.2).all(), auc
     assert (auc["insertion"] > auc["insertion_random"] + 0.2).all(), auc
     assert (curves["deletion"][:, 2:] < 0.02).all()
     # Ties (the 720 zeros) fall in a fixed random order: rerunning gives the same curves.
-    again = X.deletion_insertion(net, images, t, ideal, cfg, "cpu")
+    again = T.deletion_insertion(net, images, t, ideal, cfg, "cpu")
     assert all(torch.equal(curves[k], again[k]) for k in curves)
 
 
 def test_curve_auc_trapezoid():
     c = torch.tensor([[1.0, 0.5, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
-    np.testing.assert_allclose(X.curve_auc(c).numpy(), [0.5, 1.0, 0.5])
+    np.testing.assert_allclose(T.curve_auc(c).numpy(), [0.5, 1.0, 0.5])
 
 
 # ----------------------------------------------------------------------------- completeness
@@ -167,11 +170,12 @@ def test_curve_auc_trapezoid():
 def test_completeness_improves_with_steps(net, split):
     images, t = split.images[:3], predicted(net, split.images[:3])
     cfg = X.ExplainConfig(ig_steps=8, trust_steps="32,2,8", trust_tol=0.02)
-    _, stored = X.attribute(X.integrated_gradients, net, None, images, t, cfg, "cpu")
-    out = X.steps_needed(net, images, t, stored, cfg, "cpu")
+    _, stored = A.attribute_batches(A.integrated_gradients, net, None, images, t, cfg, "cpu", cfg.batch_size)
+    out = T.steps_needed(net, images, t, stored, cfg, "cpu")
     assert out["steps"] == [2, 8, 32]
     assert out["below_tol"][2] >= out["below_tol"][0] and out["median"][2] < out["median"][0], out
-    assert out["recomputed_minus_stored"] < 1e-5  # the same batch: the same deltas
+    assert out["recomputed_minus_stored"].max() < 1e-5  # the same batch: the same deltas
+    assert out["rel"].shape == (3, 3)
     assert out["needed"] in out["steps"] or np.isnan(out["needed"])
     if not np.isnan(out["needed"]):
         assert out["below_tol"][out["steps"].index(out["needed"])] >= 0.95
@@ -224,7 +228,7 @@ def test_trust_end_to_end(checkpoint, split, net, tmp_path, monkeypatch, capsys)
     # ... and the relative deltas are the stored deltas over recomputed logit differences.
     x, t = D.normalize(split.images[ig["index"]]), torch.from_numpy(ig["target"])
     with torch.no_grad():
-        gap = (net(x) - net(X.make_baseline(x, "black"))).gather(1, t[:, None])[:, 0].double().numpy()
+        gap = (net(x) - net(A.make_baseline(x, "black"))).gather(1, t[:, None])[:, 0].double().numpy()
     np.testing.assert_allclose(rel, np.abs(ig["delta"]) / np.abs(gap), rtol=1e-5)
     assert summary["ig", "steps_for_tol"]["detail"]["recomputed_minus_stored"] < 1e-4
     mass = per_ig["relevance_mass"]

@@ -1,0 +1,285 @@
+"""Every figure the scripts draw, saved one way (save_figure): evaluation (confusion matrix, ROC
+curves, sample predictions), training curves, attribution examples and the trust checks.
+
+    from figures import plot_confusion_matrix
+    plot_confusion_matrix(metrics["confusion_matrix"], class_names, "images/confusion_matrix.png", "title")
+
+Images are shown from their uint8 pixels, never from normalised model inputs, so colours are true.
+"""
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+
+import matplotlib
+matplotlib.use("Agg")  # figures only go to files; never needs a display
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from metrics import roc_auc
+
+DPI = 150
+
+
+def save_figure(fig, path, title: str | None = None) -> Path:
+    """Title the figure, lay it out (tight, unless it has a layout engine), write it at DPI, close it."""
+    path = Path(path)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation and training
+
+def plot_confusion_matrix(cm, class_names: list[str], path, title: str) -> Path:
+    """Row-normalised confusion matrix (each row sums to 100% of that true class)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    rows = cm.sum(axis=1, keepdims=True)
+    pct = 100 * np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.75 * k, 1.0 + 0.65 * k))
+    im = ax.imshow(pct, cmap="Blues", vmin=0, vmax=100)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="% of true class")
+    ax.set_xticks(range(k), class_names, rotation=40, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    for i in range(k):
+        for j in range(k):
+            if pct[i, j] >= 0.05 or i == j:
+                ax.text(j, i, f"{pct[i, j]:.1f}", ha="center", va="center", fontsize=8,
+                        color="white" if pct[i, j] > 55 else "black")
+    ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def plot_roc_curves(y_true, scores, class_names: list[str], path, title: str) -> Path:
+    """One-vs-rest ROC curve per class with its AUC; the title adds the macro AUC."""
+    y = np.asarray(y_true)
+    s = np.asarray(scores, dtype=np.float64)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if s.ndim == 1:
+        s = np.stack([1 - s, s], axis=1)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+    aucs = []
+    for c, name in enumerate(class_names):
+        positive = y[:, c] == 1 if y.ndim == 2 else y == c  # multi-label: one curve per label
+        fpr, tpr = _roc_curve(positive, s[:, c])
+        aucs.append(roc_auc(positive, s[:, c]))
+        ax.plot(fpr, tpr, color=cmap(c % cmap.N), lw=1.4, label=f"{name} ({aucs[-1]:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="chance (0.5)")
+    ax.set(xlim=(-0.01, 1.0), ylim=(0.0, 1.01), xlabel="false positive rate",
+           ylabel="true positive rate")
+    ax.set_title(f"{title}\nmacro AUC {np.mean(aucs):.4f}")
+    ax.legend(loc="lower right", fontsize=7, title="class (AUC)", title_fontsize=7)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def _roc_curve(positive, score) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) at every distinct threshold, highest score first."""
+    order = np.argsort(-np.asarray(score, dtype=np.float64), kind="stable")
+    s, pos = np.asarray(score)[order], np.asarray(positive, dtype=bool)[order]
+    last_of_tie = np.r_[s[1:] != s[:-1], True]
+    tp = np.cumsum(pos)[last_of_tie]
+    fp = np.cumsum(~pos)[last_of_tie]
+    return np.r_[0, fp] / max(fp[-1], 1), np.r_[0, tp] / max(tp[-1], 1)
+
+
+def plot_samples(images_uint8, y_true, y_pred, confidence, class_names: list[str], path,
+                 title: str, ncols: int = 4) -> Path:
+    """Grid of raw uint8 images in their true colours, titled true/pred; mistakes in red."""
+    images = images_uint8.cpu().numpy() if torch.is_tensor(images_uint8) else np.asarray(images_uint8)
+    if images.dtype != np.uint8:
+        raise ValueError(f"plot_samples shows raw uint8 images, got {images.dtype}; pass the "
+                         "dataset images, not normalised model inputs")
+    images = images.transpose(0, 2, 3, 1)  # (N, C, H, W) -> (N, H, W, C)
+    n = len(images)
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.4 * ncols, 2.8 * nrows + 0.4), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, ax in enumerate(axes.flat[:n]):
+        img = images[i]
+        if img.shape[-1] == 1:
+            ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        else:
+            ax.imshow(img, interpolation="nearest")
+        t, p = int(y_true[i]), int(y_pred[i])
+        lines = [f"true: {class_names[t]}", f"pred: {class_names[p]} (p={float(confidence[i]):.2f})"]
+        ax.set_title("\n".join(textwrap.fill(line, 30) for line in lines),  # long names wrap
+                     fontsize=7.5, color="black" if t == p else "red")
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_training_curves(rows: list[dict], path, title: str) -> Path:
+    """Loss and accuracy per epoch, training vs validation."""
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ("loss", "acc")):
+        ax.plot(epochs, [r[f"train_{key}"] for r in rows], "o-", label="train (augmented)")
+        ax.plot(epochs, [r[f"val_{key}"] for r in rows], "s-", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel({"loss": "cross-entropy loss", "acc": "accuracy"}[key])
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return save_figure(fig, path, title)
+
+
+# ------------------------------------------------------------------------------------------------
+# Explanations
+
+def plot_examples(images, rows: dict, class_names, method: str, path, title: str) -> Path:
+    """One row per example: image in true colours | map with colour bar | overlay on the image.
+
+    IG maps are signed (summed over colour channels, red supports the class, blue opposes it);
+    Grad-CAM maps are non-negative and drawn as the second seed did: grayscale, then a jet overlay.
+    """
+    n = len(rows["index"])
+    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.3 * n + 0.6), squeeze=False)
+    for r in range(n):
+        img = images[rows["index"][r]].permute(1, 2, 0).numpy()
+        img = img[..., 0] if img.shape[-1] == 1 else img
+        m = rows["maps"][r]
+        m = m.sum(0) if m.ndim == 3 else m
+        ax0, ax1, ax2 = axes[r]
+        ax0.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
+        label, pred = class_names[rows["label"][r]], class_names[rows["predicted"][r]]
+        colour = "black" if rows["label"][r] == rows["predicted"][r] else "red"
+        ax0.set_title(textwrap.fill(f"true: {label}", 30) + "\n" + textwrap.fill(
+            f"pred: {pred} (p={rows['confidence'][r]:.2f})", 30), fontsize=7, color=colour)
+        if method == "gradcam":
+            lim = max(float(m.max()), 1e-12)
+            im = ax1.imshow(m, cmap="gray", vmin=0, vmax=lim, interpolation="bilinear")
+            ax1.set_title(textwrap.fill(f"Grad-CAM ({class_names[rows['target'][r]]})", 30), fontsize=7)
+            ax2.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
+            ax2.imshow(m, cmap="jet", alpha=0.45, vmin=0, vmax=lim, interpolation="bilinear")
+            ax2.set_title("heat-map overlay", fontsize=8)
+        else:
+            lim = max(float(np.percentile(np.abs(m), 99.5)), 1e-12)
+            im = ax1.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+            ax1.set_title(textwrap.fill(f"IG for {class_names[rows['target'][r]]}", 30), fontsize=7)
+            ax2.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
+            pos = np.clip(m / lim, 0, 1)
+            ax2.imshow(np.dstack([np.ones_like(pos), np.zeros_like(pos), np.zeros_like(pos), 0.8 * pos]),
+                       interpolation="nearest")
+            ax2.set_title("positive IG in red", fontsize=8)
+        fig.colorbar(im, ax=ax1, fraction=0.046, pad=0.04)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    return save_figure(fig, path, title)
+
+
+def plot_trust(rows: list[dict], class_names, folder, title: str) -> list[Path]:
+    """images/sanity_check.png, deletion_insertion.png and (with masks) localisation.png from the
+    stored summary metrics of one model (rows of ExplanationDB.summary_metrics)."""
+    named = {}
+    for r in rows:
+        named.setdefault(r["name"], {})[r["method"] or "edge (control)"] = r
+    colours = {m: f"C{i}" for i, m in enumerate(sorted({r["method"] for r in rows if r["method"]}))}
+    colours["edge (control)"] = "0.4"
+    folder, paths = Path(folder), []
+    if "sanity_spearman" in named:
+        paths.append(save_figure(plot_sanity(named, colours), folder / "sanity_check.png",
+                                 f"model parameter randomisation: {title}"))
+    if "deletion_auc" in named:
+        paths.append(save_figure(plot_deletion_insertion(named, colours), folder / "deletion_insertion.png",
+                                 f"deletion / insertion: {title}"))
+    if "relevance_mass" in named:
+        paths.append(save_figure(plot_localisation(named, colours, class_names), folder / "localisation.png",
+                                 f"localisation: {title}"))
+    return paths
+
+
+def plot_sanity(named: dict, colours: dict):
+    """Mean Spearman with the original map per cascading-randomisation stage, |map| and signed."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    lines = {**named["sanity_spearman"], **named.get("sanity_control_edge", {})}
+    for ax, kind in zip(axes, ("abs", "signed")):
+        for method, r in lines.items():
+            d = r["detail"]
+            ax.plot(range(len(d["layers"])), d[kind], marker="o", ms=3, color=colours[method],
+                    ls="--" if method == "edge (control)" else "-", label=f"{method} (n={r['n']})")
+        layers = max((r["detail"]["layers"] for r in lines.values()), key=len)
+        ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=7)
+        ax.axhline(0, color="0.8", lw=0.8)
+        ax.set_xlabel("layers randomised, cascading from the output")
+        ax.set_title(f"Spearman with the original map ({'|map|' if kind == 'abs' else 'signed map'})", fontsize=9)
+    axes[0].set_ylabel("mean rank correlation")
+    lowest = np.nanmin([v for r in lines.values() for k in ("abs", "signed") for v in r["detail"][k]] + [-0.1])
+    axes[0].set_ylim(float(lowest) - 0.05, 1.05)
+    axes[1].legend(fontsize=8)
+    return fig
+
+
+def plot_deletion_insertion(named: dict, colours: dict):
+    """Mean deletion and insertion curves per method, against a random pixel order."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, name in zip(axes, ("deletion", "insertion")):
+        runs = named[f"{name}_auc"]
+        randoms = [r["detail"]["random_curve"] for r in runs.values()]
+        same = all(np.allclose(c, randoms[0], equal_nan=True) for c in randoms)  # same images: one line
+        for method, r in runs.items():
+            d = r["detail"]
+            ax.plot(d["fractions"], d["curve"], color=colours[method],
+                    label=f"{method} (AUC {r['value']:.3f}, n={r['n']})")
+            if method in named.get(f"{name}_auc_abs", {}):
+                a = named[f"{name}_auc_abs"][method]
+                ax.plot(a["detail"]["fractions"], a["detail"]["curve"], color=colours[method], ls="--",
+                        label=f"{method}, ranked by |map| (AUC {a['value']:.3f})")
+            if not same or method == next(iter(runs)):
+                ax.plot(d["fractions"], d["random_curve"], color="0.5" if same else colours[method], ls=":",
+                        label=f"{'' if same else method + ', '}random order (AUC {d['random']:.3f})")
+        ax.set_xlabel(f"fraction of pixels {'removed' if name == 'deletion' else 'inserted'}")
+        ax.set_ylim(0, 1.02)
+        d = next(iter(runs.values()))["detail"]
+        how = f"pixels set to the {d['to']} baseline" if name == "deletion" else "pixels put back into the blurred image"
+        ax.set_title(f"{name}: {how}, most relevant first\n{'lower' if name == 'deletion' else 'higher'} "
+                     "area is better", fontsize=9)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("probability of the explained class")
+    return fig
+
+
+def plot_localisation(named: dict, colours: dict, class_names):
+    """Relevance mass and pointing game per method and class, against a random map."""
+    fig, axes = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True)
+    groups = ["all"] + [c for c in class_names if any(c in r["detail"]["per_class"]
+                                                      for r in named["relevance_mass"].values())]
+    methods = list(named["relevance_mass"])
+    width = 0.8 / (len(methods) + 1)
+    for ax, name in zip(axes, ("relevance_mass", "pointing_game")):
+        bars = {m: named[name][m] for m in methods}
+        first = bars[methods[0]]["detail"]
+        series = [(m, [r["value"]] + [r["detail"]["per_class"].get(c, np.nan) for c in groups[1:]], colours[m])
+                  for m, r in bars.items()]
+        series.append(("random", [first["random"]] + [first["random_per_class"].get(c, np.nan) for c in groups[1:]],
+                       "0.7"))
+        for j, (label, values, colour) in enumerate(series):
+            offset = (j - (len(series) - 1) / 2) * width
+            ax.bar(np.arange(len(groups)) + offset, values, width, color=colour, label=label)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(name.replace("_", " "))
+        ax.grid(axis="y", color="0.9")
+    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes[1].set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=8)
+    n = ", ".join(f"{m} n={r['n']}" for m, r in named["relevance_mass"].items())
+    axes[0].set_title(f"relevance mass: share of positive attribution inside the evidence mask ({n}; "
+                      "maps of the true class)", fontsize=9)
+    axes[1].set_title("pointing game: the map's maximum lies inside the evidence mask; random: the mask's "
+                      "area fraction", fontsize=9)
+    return fig

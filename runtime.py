@@ -1,0 +1,205 @@
+"""Run set-up shared by the scripts: config from the command line, seeding, device, mixed
+precision, processes (torchrun) and signals.
+
+    from runtime import parse_config, set_seed, resolve_device
+    cfg = parse_config(TrainConfig, argv)            # --help from the dataclass; bad values: one line
+    set_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import random
+import signal
+import sys
+import threading
+import typing
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+# ------------------------------------------------------------------------------------------------
+# Config from the command line
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """A command-line mistake is one line on stderr, not a screenful of usage above it."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parser(cls, description: str | None, suppress: bool) -> _OneLineErrors:
+    p = _OneLineErrors(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       argument_default=argparse.SUPPRESS if suppress else None)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind, default = hints[f.name], argparse.SUPPRESS if suppress else f.default
+        extra = {k: f.metadata[k] for k in ("choices", "type") if k in f.metadata}
+        if kind is bool:
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default,
+                           help=f.metadata.get("help", ""))
+        else:
+            p.add_argument(flag(f.name), type=extra.pop("type", kind), default=default,
+                           help=f.metadata.get("help", ""), **extra)
+    return p
+
+
+def out_of_range(cfg) -> str | None:
+    """The first field whose value breaks its metadata bound ("min": at least, "above": greater
+    than), as the message the command line shows; None if all hold."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if "min" in f.metadata and not value >= f.metadata["min"]:
+            return f"{flag(f.name)} must be at least {f.metadata['min']}, got {value}"
+        if "above" in f.metadata and not value > f.metadata["above"]:
+            return f"{flag(f.name)} must be greater than {f.metadata['above']}, got {value}"
+    return None
+
+
+def parse_args(cls, argv: list[str] | None = None, description: str | None = None):
+    """(config, the names of the fields given on the command line) from a dataclass: one --flag
+    per field, its help and default in --help, `choices` from metadata; unknown flags and values
+    out of their bounds ("min"/"above" metadata, then the class's check()) are one-line errors."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = _parser(cls, description, suppress=False)
+    cfg = cls(**vars(p.parse_args(argv)))
+    problem = out_of_range(cfg) or (cfg.check() if hasattr(cfg, "check") else None)
+    if problem:
+        p.error(problem)
+    return cfg, set(vars(_parser(cls, description, suppress=True).parse_args(argv)))
+
+
+def parse_config(cls, argv: list[str] | None = None, description: str | None = None):
+    """The config alone; see parse_args."""
+    return parse_args(cls, argv, description)[0]
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixed precision
+
+AMP_CHOICES = ("auto", "on", "off")
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype that --amp asks for on `device`; None means float32.
+
+    on: float16 on CUDA (training adds gradient scaling), bfloat16 on CPU. auto: the same where the
+    hardware computes in it natively (CUDA; CPUs with AMX or AVX512-BF16), float32 on other CPUs,
+    which would convert bfloat16 in software. off: float32 everywhere.
+    """
+    if amp not in AMP_CHOICES:
+        raise ValueError(f"amp must be one of {AMP_CHOICES}, got {amp!r}")
+    device = torch.device(device)
+    if amp == "off" or device.type not in ("cuda", "cpu"):
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    native = any(getattr(torch.cpu, check, lambda: False)()
+                 for check in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return torch.bfloat16 if amp == "on" or native else None
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast in `dtype` on `device`, or nothing when dtype is None (float32)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------------------------
+# Processes: torchrun and signals
+
+@contextlib.contextmanager
+def distributed(device: str = "auto") -> Iterator[tuple[torch.device, int, int]]:
+    """(device, rank, world size) of this process: one plain process, or one of torchrun's.
+
+    torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; its processes (even a single one) join one
+    group, NCCL on CUDA and gloo on CPU, for as long as the block runs, each on GPU LOCAL_RANK of
+    its machine.
+    """
+    dev = resolve_device(device)
+    if "LOCAL_RANK" not in os.environ:
+        yield dev, 0, 1
+        return
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(dev)
+    torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    try:
+        yield dev, torch.distributed.get_rank(), torch.distributed.get_world_size()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all processes, in place; itself in a single process."""
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def from_rank0(obj):
+    """Rank 0's value of a picklable object, on every process (decisions all must take together)."""
+    if not torch.distributed.is_initialized():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that both unwind the same way."""
+
+
+@contextlib.contextmanager
+def exit_on_interrupt(hint: Callable[[], str], quiet: bool = False) -> Iterator[None]:
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler pre-empting the job, torchrun stopping its
+    processes) inside the block: stop where the process is, print hint() unless `quiet`, and exit
+    with 128 + the signal number (130 for Ctrl-C). Nothing is saved here: checkpoints are written
+    atomically, so the last complete one is what a resume starts from.
+    """
+    def terminate(signum, frame):
+        raise _Terminated()
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signal.signal's rule
+    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        if not quiet:
+            print(hint(), file=sys.stderr, flush=True)
+        raise SystemExit(128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def exit_with_one_line(main: Callable[[], object], errors: tuple[type[BaseException], ...]) -> None:
+    """Run a script's main(); a user's mistake (one of `errors`) ends as one line on stderr, exit 1."""
+    try:
+        main()
+    except errors as e:
+        sys.exit(f"error: {e}")

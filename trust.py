@@ -1,0 +1,440 @@
+"""Trust metrics: do stored attribution maps reflect the model? (explain.py --trust)
+
+    from trust import METRICS, Context, Maps
+    values = METRICS["deletion"].measure(ctx, maps)   # per-map arrays by name, or None: not applicable
+    summary = METRICS["deletion"].summarise(values, ctx)  # name -> Summary(value, n, detail)
+
+Each metric is a `measure` function (ctx, maps) -> {name: per-map array} plus a `summarise`
+(the mean per name unless given). A 1-D array under a plain name is stored per map in the database
+(table sample_metrics); arrays under names starting with "_" (curves, per-stage values) only feed
+the summary. Cheap metrics run over every explained map; `expensive` ones over the maps of the
+first --trust-n images. Adding a metric is one function plus one line in METRICS.
+
+Pixel scores from a map: IG-type maps (N,C,H,W) are summed over the colour channels. The sanity
+check compares that signed sum and its absolute value with the model's own maps, as Adebayo et al.
+report both. Everything that asks "where is the evidence FOR the class" (the deletion/insertion
+order, relevance mass, the pointing game, agreement with Grad-CAM, whose ReLU keeps positive
+evidence only) uses its positive part, as relevance mass does in Arras et al. (2022); deletion and
+insertion also rank signed maps by |map| (stored as *_abs), because that choice can flip the verdict.
+Grad-CAM maps are the stored upsampled maps, non-negative already.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from attribution import METHODS, Attribution, attribute_batches, integrated_gradients, make_baseline
+from data import normalize
+
+TRUST_FRACTION = 0.95  # completeness: "steps needed" = fewest steps with this share under --trust-tol
+
+
+@dataclass
+class TrustSettings:
+    """The knobs of the trust checks (explain.py's config extends this class, so each is a flag)."""
+    trust_n: int = field(default=256, metadata={"min": 1, "help": "images used for the expensive checks (sanity, deletion/insertion, completeness vs steps)"})
+    trust_tol: float = field(default=0.01, metadata={"above": 0, "help": "completeness: |delta| / |f(x)-f(baseline)| below this counts as converged"})
+    trust_steps: str = field(default="4,8,16,32,64,128", metadata={"help": "completeness: IG step counts tried on the --trust-n images"})
+    curve_steps: int = field(default=20, metadata={"min": 1, "help": "deletion/insertion: K steps along the fraction of pixels switched"})
+    trust_seed: int = field(default=0, metadata={"help": "seeds re-initialisation, random pixel orders and tie breaks"})
+
+    @property
+    def trust_step_list(self) -> list[int]:
+        return sorted({int(s) for s in self.trust_steps.split(",") if s.strip()})
+
+    def check(self) -> str | None:
+        try:
+            if not self.trust_step_list or min(self.trust_step_list) < 1:
+                raise ValueError
+        except ValueError:
+            return f"--trust-steps must be comma-separated integers >= 1, got {self.trust_steps!r}"
+        return None
+
+
+@dataclass
+class Maps:
+    """One method's stored maps of some images, with what the metrics need besides."""
+    method: str
+    attribution_id: np.ndarray
+    index: np.ndarray
+    label: np.ndarray
+    target: np.ndarray
+    seeds: np.ndarray
+    maps: torch.Tensor                 # (N, C, H, W) signed or (N, H, W) non-negative, float32
+    delta: torch.Tensor | None         # (N,) stored IG deltas
+    images: torch.Tensor               # uint8 (N, C, H, W)
+    masks: torch.Tensor | None = None  # bool (N, H, W) evidence masks (synthetic data)
+
+
+@dataclass
+class Context:
+    model: torch.nn.Module        # the inference copy the maps were computed with
+    layer_name: str | None        # the method's layer (Grad-CAM), None for input-space methods
+    cfg: object                   # AttributionSettings + TrustSettings + batch_size (ExplainConfig)
+    device: torch.device
+    class_names: list[str]
+
+
+@dataclass
+class Summary:
+    value: float
+    n: int
+    detail: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks
+
+def pixel_scores(maps: torch.Tensor, kind: str = "positive") -> torch.Tensor:
+    """(N,H,W) scores from (N,C,H,W) or (N,H,W) maps: channel sum, then 'positive', 'abs' or 'signed'."""
+    s = maps.sum(1) if maps.ndim == 4 else maps
+    return s.clamp(min=0) if kind == "positive" else s.abs() if kind == "abs" else s
+
+
+def average_ranks(a: np.ndarray) -> np.ndarray:
+    """Ranks 1..P along the last axis of (N, P); tied values share the average of their ranks."""
+    n, p = a.shape
+    order = np.argsort(a, axis=1, kind="stable")
+    s = np.take_along_axis(a, order, 1)
+    pos = np.broadcast_to(np.arange(p), (n, p))
+    first = np.ones((n, p), bool)
+    first[:, 1:] = s[:, 1:] != s[:, :-1]
+    last = np.ones((n, p), bool)
+    last[:, :-1] = first[:, 1:]
+    start = np.maximum.accumulate(np.where(first, pos, 0), axis=1)
+    end = np.minimum.accumulate(np.where(last, pos, p - 1)[:, ::-1], axis=1)[:, ::-1]
+    ranks = np.empty((n, p))
+    np.put_along_axis(ranks, order, (start + end) / 2 + 1, 1)
+    return ranks
+
+
+def spearman(a, b) -> np.ndarray:
+    """Spearman rank correlation of each pair of rows of (N, ...) arrays; NaN where a row is constant."""
+    ra, rb = (average_ranks(np.asarray(v, np.float64).reshape(len(v), -1)) for v in (a, b))
+    ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
+    den = np.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (ra * rb).sum(1) / den, np.nan)
+
+
+def nanmean(a, axis=None):
+    """np.nanmean without the warning for an all-NaN slice (which stays NaN)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(a, axis=axis)
+
+
+def by_class(values: np.ndarray, classes: np.ndarray, class_names) -> dict:
+    """Mean of the defined values per class name (classes without any are left out)."""
+    return {class_names[c]: float(np.nanmean(values[classes == c])) for c in np.unique(classes)
+            if np.isfinite(values[classes == c]).any()}
+
+
+def input_control(model, layer, x, target, cfg, seeds):
+    """Sanity-check control that ignores the model: the input image itself."""
+    return Attribution(x)
+
+
+def edge_control(model, layer, x, target, cfg, seeds):
+    """Sanity-check control that ignores the model: Sobel gradient magnitude of the grey image."""
+    k = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], device=x.device)
+    grey = F.pad(x.mean(1, keepdim=True), [1] * 4, mode="replicate")
+    gx, gy = F.conv2d(grey, k.view(1, 1, 3, 3)), F.conv2d(grey, k.t().reshape(1, 1, 3, 3))
+    return Attribution((gx * gx + gy * gy).sqrt()[:, 0])
+
+
+CONTROLS = {"input": input_control, "edge": edge_control}
+
+
+@torch.no_grad()
+def logit_gap(model, images, targets, cfg, device) -> torch.Tensor:
+    """f(x)[t] - f(baseline)[t] on logits: what IG's attributions must sum to (completeness)."""
+    out = []
+    for start in range(0, len(images), cfg.ig_internal_batch):
+        x = normalize(images[start:start + cfg.ig_internal_batch].to(device))
+        t = targets[start:start + cfg.ig_internal_batch].to(device)[:, None]
+        out.append((model(x).gather(1, t) - model(make_baseline(x, cfg.baseline)).gather(1, t))[:, 0].double().cpu())
+    return torch.cat(out)
+
+
+def relative_delta(delta: torch.Tensor, gap: torch.Tensor) -> np.ndarray:
+    """|delta| / |f(x)[t] - f(b)[t]|; NaN where the logits do not differ (nothing to be complete about)."""
+    rel = (delta.double().abs() / gap.abs()).numpy()
+    return np.where(np.isfinite(rel), rel, np.nan)
+
+
+def steps_needed(model, images, targets, stored_delta, cfg, device) -> dict:
+    """Relative IG deltas at each of --trust-steps, per map ("rel", (N, S)) and as the share under
+    --trust-tol and the median per step count; the fewest steps with 95% under --trust-tol; how far
+    the deltas recomputed at --ig-steps are from the stored ones (they should agree)."""
+    gap = logit_gap(model, images, targets, cfg, device)
+    rel = []
+    out = {"steps": cfg.trust_step_list, "tol": cfg.trust_tol, "recomputed_minus_stored": np.full(len(images), np.nan)}
+    for steps in cfg.trust_step_list:
+        _, delta = attribute_batches(integrated_gradients, model, None, images, targets,
+                                     replace(cfg, ig_steps=steps), device, cfg.batch_size)
+        rel.append(relative_delta(delta, gap))
+        if steps == cfg.ig_steps:
+            out["recomputed_minus_stored"] = (delta - stored_delta).abs().numpy()
+    return summarise_steps(np.stack(rel, 1), out)
+
+
+def summarise_steps(rel: np.ndarray, out: dict) -> dict:
+    """steps_needed's shares, medians and verdict from per-map relative deltas (N, S)."""
+    out = {**out, "rel": rel, "below_tol": (rel < out["tol"]).mean(0).tolist(),
+           "median": [float(np.nanmedian(r)) if np.isfinite(r).any() else np.nan for r in rel.T]}
+    enough = [s for s, f in zip(out["steps"], out["below_tol"]) if f >= TRUST_FRACTION]
+    out["needed"] = enough[0] if enough else np.nan
+    return out
+
+
+def randomisation_stages(model: torch.nn.Module) -> list[tuple[str, list[str]]]:
+    """Parametrised layers (Conv2d, Linear, BatchNorm) grouped by block, output first:
+    LightCNN's classifier.5, classifier.2, features.4, ...; ResNet-50's fc, layer4.2, ..., conv1."""
+    groups = {}
+    for name, module in model.named_modules():  # registration order is forward order here
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.BatchNorm2d)):
+            groups.setdefault(".".join(name.split(".")[:2]), []).append(name)
+    return list(groups.items())[::-1]
+
+
+def sanity_check(model, layer_name, fn, images, targets, original, cfg, device, seeds=None) -> dict:
+    """Cascading model-parameter randomisation (Adebayo et al., 2018).
+
+    Re-initialises the model's blocks one after another from the output towards the input (on a
+    copy), recomputes the maps for the same targets (and the same per-map seeds) and compares them
+    with `original` by Spearman rank correlation per image, on |scores| and on signed scores. Stage
+    "none" recomputes the intact model's maps: it should give ~1 and so checks the comparison
+    itself. An image whose original map is constant (an all-zero Grad-CAM) has no ranking to keep
+    and is left out (NaN); a recomputed map that became constant counts as 0. A method that reflects
+    the model decorrelates. Returns the stage names, the mean per stage ("abs", "signed") and the
+    per-map values (N, stages) ("per_map_abs", "per_map_signed").
+    """
+    net = copy.deepcopy(model)
+    layer = net.get_submodule(layer_name) if layer_name else None
+    ref = {kind: pixel_scores(original, kind).flatten(1).numpy() for kind in ("abs", "signed")}
+    ranked = {kind: (r != r[:, :1]).any(1) for kind, r in ref.items()}
+    stages = [("none", [])] + randomisation_stages(net)
+    rhos = {kind: np.full((len(images), len(stages)), np.nan) for kind in ref}
+    for k, (stage, names) in enumerate(stages):
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.trust_seed + 1 + k)
+            for name in names:
+                net.get_submodule(name).reset_parameters()
+        maps, _ = attribute_batches(fn, net, layer, images, targets, cfg, device, cfg.batch_size, seeds)
+        for kind in ref:
+            rho = np.nan_to_num(spearman(pixel_scores(maps, kind).numpy(), ref[kind]), nan=0.0)
+            rhos[kind][:, k] = np.where(ranked[kind], rho, np.nan)
+    return {"layers": [s for s, _ in stages], **{kind: nanmean(r, 0).tolist() for kind, r in rhos.items()},
+            **{f"per_map_{kind}": r for kind, r in rhos.items()}}
+
+
+@torch.no_grad()
+def perturbation_curve(model, start, end, targets, scores, cfg) -> torch.Tensor:
+    """Softmax probability of the target while pixels switch from `start` to `end` in decreasing
+    order of `scores` (ties in a fixed random order), at fractions 0, 1/K, ..., 1: (N, K+1).
+
+    The K+1 images of each of the N are built as one tensor and run in --ig-internal-batch chunks."""
+    n, _, h, w = start.shape
+    k, p = cfg.curve_steps, h * w
+    tiebreak = torch.randperm(p, generator=torch.Generator().manual_seed(cfg.trust_seed)).to(start.device)
+    order = tiebreak[torch.sort(scores.reshape(n, p)[:, tiebreak], dim=1, descending=True, stable=True).indices]
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(p, device=start.device).expand(n, p))
+    count = torch.round(torch.arange(k + 1, device=start.device) * p / k)
+    switched = (rank[:, None, :] < count[None, :, None]).view(n, k + 1, 1, h, w)
+    xs = torch.where(switched, end[:, None], start[:, None]).flatten(0, 1)
+    t = targets.repeat_interleave(k + 1)[:, None]
+    b = cfg.ig_internal_batch
+    probs = [torch.softmax(model(xs[i:i + b]).float(), 1).gather(1, t[i:i + b]) for i in range(0, len(xs), b)]
+    return torch.cat(probs).view(n, k + 1).cpu()
+
+
+def deletion_insertion(model, images, targets, scores, cfg, device) -> dict[str, torch.Tensor]:
+    """Deletion and insertion curves (Petsiuk et al., 2018) in the order of `scores` and in a random
+    order: deletion switches pixels to the IG baseline (--baseline, black by default), insertion
+    starts from the blurred image and switches pixels back to the original. (N, K+1) each."""
+    g = torch.Generator().manual_seed(cfg.trust_seed)
+    curves = {key: [] for key in ("deletion", "insertion", "deletion_random", "insertion_random")}
+    for start in range(0, len(images), cfg.batch_size):
+        x = normalize(images[start:start + cfg.batch_size].to(device))
+        t = targets[start:start + cfg.batch_size].to(device)
+        own = scores[start:start + cfg.batch_size].to(device)
+        rand = torch.rand(own.shape, generator=g).to(device)  # the same orders for every method
+        for suffix, order in (("", own), ("_random", rand)):
+            deleted, blurred = make_baseline(x, cfg.baseline), make_baseline(x, "blur")
+            curves["deletion" + suffix].append(perturbation_curve(model, x, deleted, t, order, cfg))
+            curves["insertion" + suffix].append(perturbation_curve(model, blurred, x, t, order, cfg))
+    return {key: torch.cat(c) for key, c in curves.items()}
+
+
+def curve_auc(curves: torch.Tensor) -> torch.Tensor:
+    """Area under (N, K+1) curves over the fraction axis [0, 1], trapezoidal rule."""
+    return (curves[:, 1:] + curves[:, :-1]).sum(1).double() / (2 * (curves.shape[1] - 1))
+
+
+def localisation(scores: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Relevance mass accuracy (share of the positive score inside the mask; NaN for an all-zero map)
+    and pointing game (share of the maximal pixels inside the mask, i.e. a random pick among tied
+    maxima) per map; the random baseline of both is the mask's area fraction."""
+    pos, inside = scores.clamp(min=0).flatten(1).double(), masks.flatten(1).bool()
+    total = pos.sum(1)
+    mass = torch.where(total > 0, (pos * inside).sum(1) / total, torch.full_like(total, np.nan))
+    top = pos == pos.max(1, keepdim=True).values
+    return {"relevance_mass": mass, "pointing_game": (top & inside).sum(1) / top.sum(1).double(),
+            "area": inside.double().mean(1)}
+
+
+# ------------------------------------------------------------------------------------------------
+# The metrics: measure (per-map arrays) and summarise (name -> Summary)
+
+def mean_summary(values: dict[str, np.ndarray], ctx: Context) -> dict[str, Summary]:
+    """The default summary: the mean of each stored per-map value over the maps where it is defined."""
+    return {name: Summary(float(nanmean(v)), int(np.isfinite(v).sum()))
+            for name, v in values.items() if not name.startswith("_") and v.ndim == 1}
+
+
+def measure_completeness(ctx: Context, m: Maps):
+    if not METHODS[m.method].complete:
+        return None
+    gap = logit_gap(ctx.model, m.images, torch.from_numpy(m.target), ctx.cfg, ctx.device)
+    return {"rel_delta": relative_delta(m.delta, gap)}
+
+
+def summarise_completeness(values, ctx) -> dict[str, Summary]:
+    rel, tol = values["rel_delta"], ctx.cfg.trust_tol
+    return {"rel_delta": Summary(float(np.nanmedian(rel)), len(rel), {
+        "median": np.nanmedian(rel), "p90": np.nanpercentile(rel, 90), "max": np.nanmax(rel), "tol": tol,
+        "below_tol": float((rel < tol).mean()), "n_undefined": int(np.isnan(rel).sum())})}
+
+
+def measure_localisation(ctx: Context, m: Maps):
+    if m.masks is None:
+        return None
+    own = m.target == m.label  # the mask marks the evidence for the true class only
+    loc = localisation(pixel_scores(m.maps), m.masks)
+    return {"relevance_mass": np.where(own, loc["relevance_mass"].numpy(), np.nan),
+            "pointing_game": np.where(own, loc["pointing_game"].numpy(), np.nan),
+            "_area": np.where(own, loc["area"].numpy(), np.nan)}
+
+
+def summarise_localisation(values, ctx) -> dict[str, Summary]:
+    out, area, label = {}, values["_area"], values["_label"]
+    for name in ("relevance_mass", "pointing_game"):
+        v = values[name]
+        ok = np.isfinite(v)
+        out[name] = Summary(float(np.mean(v[ok])) if ok.any() else np.nan, int(ok.sum()), {
+            "random": np.mean(area[ok]) if ok.any() else np.nan, "class": "label",
+            "per_class": by_class(v, label, ctx.class_names),
+            "random_per_class": by_class(np.where(ok, area, np.nan), label, ctx.class_names),
+            "n_undefined": int((~ok & np.isfinite(area)).sum())})  # all-zero maps of the true class
+    return out
+
+
+def measure_steps(ctx: Context, m: Maps):
+    if not METHODS[m.method].complete:
+        return None
+    sweep = steps_needed(ctx.model, m.images, torch.from_numpy(m.target), m.delta, ctx.cfg, ctx.device)
+    return {"_rel_by_steps": sweep["rel"], "_recomputed_minus_stored": sweep["recomputed_minus_stored"]}
+
+
+def summarise_steps_needed(values, ctx) -> dict[str, Summary]:
+    s = summarise_steps(values["_rel_by_steps"], {"steps": ctx.cfg.trust_step_list, "tol": ctx.cfg.trust_tol})
+    s.pop("rel")
+    recomputed = values["_recomputed_minus_stored"]
+    if np.isfinite(recomputed).any():  # --ig-steps is one of --trust-steps
+        s["recomputed_minus_stored"] = float(np.nanmax(recomputed))
+    return {"steps_for_tol": Summary(s["needed"], len(values["_label"]), s)}
+
+
+def measure_sanity(ctx: Context, m: Maps):
+    layer = ctx.layer_name if m.method == "gradcam" else None
+    out = sanity_check(ctx.model, layer, METHODS[m.method].attribute, m.images, torch.from_numpy(m.target),
+                       m.maps, ctx.cfg, ctx.device, m.seeds)
+    return {"sanity_spearman_abs": out["per_map_abs"][:, -1], "sanity_spearman_signed": out["per_map_signed"][:, -1],
+            "_abs": out["per_map_abs"], "_signed": out["per_map_signed"]}
+
+
+def summarise_sanity(values, ctx) -> dict[str, Summary]:
+    layers = ["none"] + [s for s, _ in randomisation_stages(ctx.model)]
+    detail = {"layers": layers, "abs": nanmean(values["_abs"], 0).tolist(),
+              "signed": nanmean(values["_signed"], 0).tolist()}
+    return {"sanity_spearman": Summary(detail["abs"][-1], len(values["_abs"]), detail)}
+
+
+def measure_deletion(ctx: Context, m: Maps):
+    # Signed maps (IG) are also ranked by |map|: with a black baseline the dark evidence (nuclei,
+    # the synthetic ink) gets NEGATIVE IG, so the positive part alone can rank it last.
+    out, t = {}, torch.from_numpy(m.target)
+    for suffix, kind in [("", "positive")] + ([("_abs", "abs")] if m.maps.ndim == 4 else []):
+        curves = deletion_insertion(ctx.model, m.images, t, pixel_scores(m.maps, kind), ctx.cfg, ctx.device)
+        for name in ("deletion", "insertion"):
+            out[f"{name}_auc{suffix}"] = curve_auc(curves[name]).numpy()
+            out[f"{name}_auc_random"] = curve_auc(curves[f"{name}_random"]).numpy()
+            out[f"_{name}{suffix}_curve"] = curves[name].numpy()
+            out[f"_{name}_random_curve"] = curves[f"{name}_random"].numpy()
+    return out
+
+
+def summarise_deletion(values, ctx) -> dict[str, Summary]:
+    out, cfg = {}, ctx.cfg
+    for suffix, kind in (("", "positive"), ("_abs", "abs")):
+        for name in ("deletion", "insertion"):
+            if f"{name}_auc{suffix}" not in values:
+                continue
+            auc = values[f"{name}_auc{suffix}"]
+            out[f"{name}_auc{suffix}"] = Summary(float(auc.mean()), len(auc), {
+                "random": float(values[f"{name}_auc_random"].mean()),
+                "fractions": np.linspace(0, 1, cfg.curve_steps + 1), "scores": kind,
+                "from": "image" if name == "deletion" else "blur", "to": cfg.baseline if name == "deletion" else "image",
+                "curve": values[f"_{name}{suffix}_curve"].mean(0), "random_curve": values[f"_{name}_random_curve"].mean(0)})
+    return out
+
+
+@dataclass(frozen=True)
+class Metric:
+    measure: Callable[[Context, Maps], dict[str, np.ndarray] | None]
+    summarise: Callable[[dict[str, np.ndarray], Context], dict[str, Summary]] = mean_summary
+    expensive: bool = False  # only the maps of the first --trust-n images
+
+
+METRICS = {
+    "completeness": Metric(measure_completeness, summarise_completeness),
+    "localisation": Metric(measure_localisation, summarise_localisation),
+    "steps_needed": Metric(measure_steps, summarise_steps_needed, expensive=True),
+    "sanity": Metric(measure_sanity, summarise_sanity, expensive=True),
+    "deletion_insertion": Metric(measure_deletion, summarise_deletion, expensive=True),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Across methods and the model-free control
+
+def agreement(ig: Maps, cam: Maps) -> dict[str, np.ndarray]:
+    """Spearman between the positive part of IG and Grad-CAM for the same image and target, with
+    the attribution ids of both maps; NaN where one map is constant."""
+    where = {(i, t): n for n, (i, t) in enumerate(zip(cam.index.tolist(), cam.target.tolist()))}
+    pick = np.array([where.get((i, t), -1) for i, t in zip(ig.index.tolist(), ig.target.tolist())], np.int64)
+    both = pick >= 0
+    rho = spearman(pixel_scores(ig.maps[both]).numpy(), cam.maps[pick[both]].numpy())
+    return {"rho": rho, "target": ig.target[both], "ig_id": ig.attribution_id[both],
+            "gradcam_id": cam.attribution_id[pick[both]]}
+
+
+def summarise_agreement(rho: np.ndarray, targets: np.ndarray, class_names, settings: dict) -> Summary:
+    return Summary(float(nanmean(rho)), len(rho), {
+        "per_class": by_class(rho, targets, class_names), "class": "target",
+        "ig_setting": settings["ig"], "gradcam_setting": settings["gradcam"], "n_undefined": int(np.isnan(rho).sum())})
+
+
+def edge_control_sanity(model, images, cfg, device) -> Summary:
+    """The sanity check of a map that ignores the model (Sobel edges): its line must stay at 1."""
+    t = torch.zeros(len(images), dtype=torch.int64)  # any target: the control does not look at it
+    edges, _ = attribute_batches(edge_control, model, None, images, t, cfg, device, cfg.batch_size)
+    control = sanity_check(model, None, edge_control, images, t, edges, cfg, device)
+    return Summary(control["abs"][-1], len(images), {k: v for k, v in control.items() if not k.startswith("per_map")})
