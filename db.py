@@ -395,6 +395,11 @@ class ExplanationDB:
         # mean_abs_delta is NaN, not None, for methods without deltas, so it formats like a number.
         return [dict(zip(keys, row[:-1] + (np.nan if row[-1] is None else row[-1],))) for row in rows]
 
+    def map_bytes(self) -> float:
+        """Mean size in bytes of a stored map blob (raw maps not counted); NaN when there are none."""
+        value = self._conn.execute("SELECT avg(length(map)) FROM attributions").fetchone()[0]
+        return float("nan") if value is None else float(value)
+
     def add_sample_metrics(self, attribution_ids, name: str, values) -> int:
         """Store one metric for a batch of maps in one transaction (NaN -> NULL); a rerun replaces it."""
         if not name or not isinstance(name, str):

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from attribution import METHODS, AttributionSettings, map_seeds
+from attribution import METHODS, AttributionSettings, as_stored, map_seeds
 from data import DataError, data_for_run, file_digest, normalize
 from db import DatabaseError, ExplanationDB, check_sources
 from figures import plot_examples, plot_trust
@@ -56,8 +56,6 @@ class ExplainConfig(AttributionSettings, TrustSettings):
     classes: str = field(default="", metadata={"help": "only images whose TRUE class is in this comma-separated list"})
     only_errors: bool = field(default=False, metadata={"help": "only misclassified images"})
     targets: str = field(default="predicted", metadata={"help": "class to explain", "choices": ("predicted", "true", "both")})
-    batch_size: int = field(default=256, metadata={"min": 1, "help": "images per attribution batch and per database transaction"})
-    store_dtype: str = field(default="float16", metadata={"help": "blob precision", "choices": ("float16", "float32")})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
     figures: bool = field(default=True, metadata={"help": "draw images/ig_examples.png, gradcam_examples.png (and the --trust figures)"})
     trust: bool = field(default=False, metadata={"help": "then test the maps: completeness, sanity, deletion/insertion, localisation, agreement"})
@@ -185,13 +183,6 @@ def explain(db, model, layer, x_uint8, work: Work, method: str, cfg: ExplainConf
             raw_maps=None if out.raw is None else as_stored(out.raw, cfg.store_dtype),
             dtype=cfg.store_dtype, replace=False)
     return written
-
-
-def as_stored(maps: torch.Tensor, dtype: str) -> np.ndarray:
-    """Maps in the database's dtype, cast where they were computed: half the bytes to copy for
-    float16, and faster than numpy's cast. (A map beyond float16's range becomes inf, which the
-    database refuses, naming --store-dtype float32.)"""
-    return maps.detach().to(getattr(torch, dtype)).contiguous().cpu().numpy()
 
 
 def one_per_class(rows: dict, num_classes: int) -> np.ndarray:

@@ -28,23 +28,20 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
-from data import SIZES, DataError, augment, dataset_choices, load_data, normalize, parse_split_sizes
+from data import SIZES, DataError, dataset_choices, load_data, parse_split_sizes
 from figures import plot_training_curves
-from metrics import compute_metrics
-from model import MODELS, CheckpointError, build_model, count_flops, predict, read_checkpoint, save_checkpoint
+from model import MODELS, CheckpointError, build_model, count_flops, read_checkpoint, save_checkpoint
 from report import score_checkpoint, write_report
-from runtime import (AMP_CHOICES, all_reduce_sum, amp_dtype, autocast, distributed, exit_on_interrupt,
-                     exit_with_one_line, from_rank0, parse_args, precision_name, set_seed)
+from runtime import (AMP_CHOICES, amp_dtype, autocast, distributed, exit_on_interrupt, exit_with_one_line,
+                     from_rank0, parse_args, precision_name, set_seed)
+from training import Recipe, make_optimizer, seed_epoch, train_one_epoch, validate
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Recipe):
     dataset: str = field(default="pathmnist", metadata={"help": "MedMNIST 2D flag, or 'synthetic' (offline, generated)"})
     synthetic_sizes: str = field(default="10000,2000,2000", metadata={"help": "train,val,test images of --dataset synthetic (tiny ones make quick tests)"})
     size: int = field(default=28, metadata={"help": "image side", "choices": SIZES})
@@ -52,16 +49,10 @@ class TrainConfig:
     model: str = field(default="lightcnn", metadata={"help": "network", "choices": MODELS})
     pretrained: bool = field(default=False, metadata={"help": "start resnet50 from ImageNet weights (downloads them)"})
     epochs: int = field(default=25, metadata={"min": 1, "help": "maximum epochs (the seed's 25)"})
-    batch_size: int = field(default=128, metadata={"min": 1, "help": "training batch per process; 128 keeps BatchNorm statistics stable and CPUs busy"})
-    lr: float = field(default=1e-3, metadata={"above": 0, "help": "Adam learning rate (the seed's)"})
-    weight_decay: float = field(default=1e-4, metadata={"min": 0, "help": "Adam L2 penalty; small, the network already has dropout"})
     patience: int = field(default=6, metadata={"min": 1, "help": "early stopping: epochs without validation improvement"})
     monitor: str = field(default="acc", metadata={"help": "validation metric that selects best.pt", "choices": ("acc", "auc")})
-    augment: bool = field(default=True, metadata={"help": "flips, 90-degree and small rotations on each batch"})
     seed: int = field(default=0, metadata={"min": 0, "help": "seeds weights, data order, augmentation and synthetic data"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ... (under torchrun: cuda:LOCAL_RANK)"})
-    amp: str = field(default="auto", metadata={"help": "mixed precision: fp16 on CUDA, bf16 on CPU; auto: where the hardware has it (CUDA, CPUs with AMX/AVX512-BF16)", "choices": AMP_CHOICES})
-    eval_batch_size: int = field(default=128, metadata={"min": 1, "help": "batch for validation and test inference (128 stays in a CPU's cache)"})
     out: str = field(default="", metadata={"help": "run folder (default runs/DATASET-MODEL-SIZE-TIME)"})
     resume: str = field(default="", metadata={"help": "run folder to continue from its last.pt (its config is reused; --epochs may extend it)"})
 
@@ -79,81 +70,6 @@ class TrainConfig:
 
 # Flags that --resume takes from the command line rather than from the run's config.
 RESUME_OVERRIDES = ("epochs", "lr", "patience", "amp", "device", "eval_batch_size")
-
-
-def seed_epoch(seed: int, epoch: int, n: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Generator]:
-    """This process's share of an epoch's data order and its augmentation generator; also seeds
-    torch's global generator, which dropout draws from.
-
-    Every draw of an epoch is seeded from (seed, epoch, rank), never from state carried over from
-    the epoch before, so a resumed run draws exactly what an uninterrupted one does. The order is
-    one permutation, the same on every rank; after dropping its last n % world images, rank r
-    takes order[r::world] (DistributedSampler with drop_last=True), so ranks run equal batches and
-    see each image at most once per epoch. Augmentation and dropout differ between ranks.
-    """
-    order_seed = np.random.SeedSequence([seed, epoch, 0]).generate_state(1)[0]
-    augment_seed, dropout_seed = np.random.SeedSequence([seed, epoch, 1, rank]).generate_state(2)
-    torch.manual_seed(int(dropout_seed))
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(order_seed)))
-    return order[: n - n % world][rank::world], torch.Generator().manual_seed(int(augment_seed))
-
-
-def train_one_epoch(model, split, order, optimizer, scaler, autocast, generator, cfg, desc,
-                    progress: bool = True) -> dict:
-    """One pass over this process's share `order` of the training split; returns loss, accuracy
-    and speed over all processes."""
-    model.train()
-    device = split.images.device
-    multilabel = split.labels.ndim == 2
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device)
-    seen, t0 = 0, time.perf_counter()
-    for idx in tqdm(order.split(cfg.batch_size), desc=desc, leave=False, disable=None if progress else True):
-        if len(idx) < 2:  # a one-image batch would make BatchNorm's batch statistics pure noise
-            continue
-        idx = idx.to(device)
-        x = normalize(split.images[idx])
-        if cfg.augment:
-            x = augment(x, generator)
-        y = split.labels[idx]
-        with autocast:
-            logits = model(x.contiguous(memory_format=torch.channels_last))
-        loss = (F.binary_cross_entropy_with_logits(logits.float(), y.float()) if multilabel
-                else F.cross_entropy(logits.float(), y))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at {desc}; last.pt keeps the last good "
-                                     f"epoch: resume with a lower --lr, or without --amp")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        loss_sum += loss.detach() * len(idx)
-        pred = logits.detach() > 0 if multilabel else logits.detach().argmax(1)
-        correct += (pred == y).float().mean(-1).sum() if multilabel else (pred == y).sum()
-        seen += len(idx)
-    seconds = time.perf_counter() - t0
-    totals = all_reduce_sum(torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device)]))
-    loss_total, correct_total, seen_total = totals.tolist()
-    return {"loss": loss_total / seen_total, "acc": correct_total / seen_total, "seconds": seconds,
-            "images_per_s": seen_total / seconds}
-
-
-def make_optimizer(net, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam; fused: one kernel for all parameters, over 10x faster per step on CPU than the default."""
-    return torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-
-
-def validate(model, split, data, cfg, device) -> dict:
-    """Loss, accuracy and AUC on a held-out split, from the same predict() evaluate.py uses."""
-    scores = predict(model, split.images, cfg.eval_batch_size, device, data.task, cfg.amp)
-    if not np.isfinite(scores).all():  # diverged weights: main() stops the run on the NaN loss
-        return {"loss": math.nan, "acc": math.nan, "auc": math.nan}
-    y = split.labels.numpy()
-    m = compute_metrics(y, scores, data.task, data.class_names)
-    p = np.clip(scores, 1e-12, 1 - 1e-7)
-    loss = (-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean() if y.ndim == 2
-            else -np.log(p[np.arange(len(y)), y]).mean())
-    return {"loss": float(loss), "acc": m["acc"], "auc": m["auc"]}
 
 
 def main(argv: list[str] | None = None) -> Path:

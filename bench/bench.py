@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3  # read-only, to measure stored lengths; the project writes through db.py
 import statistics
 import subprocess
 import sys
@@ -37,11 +36,10 @@ from captum.attr import IntegratedGradients
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 import baseline  # noqa: E402
-import evaluate  # noqa: E402
-import explain  # noqa: E402
+from attribution import AttributionSettings, as_stored, integrated_gradients, make_baseline  # noqa: E402
 from data import load_data, normalize, save_npz  # noqa: E402
 from db import ExplanationDB  # noqa: E402
-from model import build_model, inference_copy  # noqa: E402
+from model import build_model, inference_copy, predict  # noqa: E402
 from recipes import Ours, Seed, parse_sets  # noqa: E402
 
 TARGETS = {"training images/s": (">=", 3), "training peak RSS MiB (fresh process)": ("<=", 1),
@@ -101,18 +99,19 @@ def seed_ig(model, images, chunk, out):
 def our_ig(model, images, cfg, zero_baseline: bool, out):
     """Predictions, then IG in batches of cfg.batch_size on an inference copy, as explain.py runs
     it. zero_baseline: Captum with our steps, quadrature and batching but the seed's reference
-    (zeros in normalised space, i.e. mid-grey); otherwise explain.integrated_gradients as shipped
+    (zeros in normalised space, i.e. mid-grey); otherwise attribution.integrated_gradients as shipped
     (black by default)."""
     fast = inference_copy(model)
     for part in images.split(cfg.batch_size):
-        target = torch.from_numpy(evaluate.predict(model, part, 128, "cpu", "multi-class").argmax(1))
+        target = torch.from_numpy(predict(model, part, 128, "cpu", "multi-class").argmax(1))
         x = normalize(part).contiguous(memory_format=torch.channels_last)
         if zero_baseline:
             attr, delta = IntegratedGradients(fast).attribute(
                 x, baselines=torch.zeros_like(x), target=target, n_steps=cfg.ig_steps, method=cfg.ig_method,
                 internal_batch_size=cfg.ig_internal_batch, return_convergence_delta=True)
         else:
-            attr, _, delta = explain.integrated_gradients(fast, None, x, target, cfg)
+            shipped = integrated_gradients(fast, None, x, target, cfg, None)
+            attr, delta = shipped.maps, shipped.delta
         out.append((attr.detach(), target, delta.detach()))
         yield
 
@@ -143,7 +142,7 @@ def our_store(path, maps, targets, cfg):
             part = slice(s, s + cfg.batch_size)
             n = len(ids[part])
             db.add_attributions(model_id=model_id, setting_id=setting_id, sample_ids=ids[part], targets=targets[part], predicted=targets[part], confidence=np.full(n, 0.9),
-                                maps=explain.as_stored(maps[part], cfg.store_dtype), deltas=np.zeros(n),
+                                maps=as_stored(maps[part], cfg.store_dtype), deltas=np.zeros(n),
                                 dtype=cfg.store_dtype, replace=False)
             yield
 
@@ -161,16 +160,15 @@ def seed_eval(model, loader, chunk):
 
 def our_eval(model, images):
     """evaluate.py's inference over the whole split (one predict call, as evaluate.py makes), with
-    its default batch size and precision."""
-    cfg = evaluate.EvalConfig()
-    evaluate.predict(model, images, cfg.batch_size, "cpu", "multi-class", cfg.amp)
+    its default batch size (128) and precision (--amp auto)."""
+    predict(model, images, 128, "cpu", "multi-class", "auto")
     yield
 
 
 # ------------------------------------------------------------------------------------------------
 
 def speed(args) -> list[dict]:
-    ecfg = explain.ExplainConfig(**parse_sets(args.explain, explain.ExplainConfig))
+    ecfg = AttributionSettings(**parse_sets(args.explain, AttributionSettings))
     print(f"machine: {machine()}", flush=True)
     rows: dict[str, tuple[list, list]] = {}
 
@@ -239,7 +237,7 @@ def as_seed_built_it(model):
 
 def bench_ig(args, ecfg, model, seed_model, images, record):
     """Seed vs ours with the seed's zero reference (like for like), and explain.py as shipped."""
-    zero, black = torch.zeros_like, lambda x: explain.make_baseline(x, ecfg.baseline)
+    zero, black = torch.zeros_like, lambda x: make_baseline(x, ecfg.baseline)
     for _ in range(args.runs):
         a, b, c = [], [], []
         t = race(seed_ig(seed_model, images, ecfg.batch_size, a), our_ig(model, images, ecfg, True, b),
@@ -264,8 +262,8 @@ def bench_storage(args, ecfg, root: Path, maps, targets, record) -> None:
         sides = [lambda: seed_store(paths[0], maps.numpy(), args.n_store, lengths),
                  lambda: our_store(paths[1], maps, targets, ecfg)]
         a, b = [race(side())[0] for side in sides] if run % 2 == 0 else [race(side())[0] for side in sides[::-1]][::-1]
-        with sqlite3.connect(f"file:{paths[1]}?mode=ro", uri=True) as conn:
-            blob = conn.execute("SELECT avg(length(map)) FROM attributions").fetchone()[0]
+        with ExplanationDB(paths[1]) as db:
+            blob = db.map_bytes()
         record("storage rows/s", args.n_store / a, args.n_store / b)
         record("storage bytes per IG map", float(np.mean(lengths)), blob)
         record("storage file bytes per row", *(file_bytes(p) / args.n_store for p in paths))
@@ -317,7 +315,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4, help="accuracy: training epochs per recipe")
     p.add_argument("--seeds", type=int, default=3, help="accuracy: training seeds")
     p.add_argument("--train", nargs="*", default=[], help="TrainConfig overrides for ours, KEY=VALUE")
-    p.add_argument("--explain", nargs="*", default=[], help="ExplainConfig overrides for ours, KEY=VALUE")
+    p.add_argument("--explain", nargs="*", default=[], help="AttributionSettings overrides for ours (explain.py's IG settings), KEY=VALUE")
     p.add_argument("--tmp", default="", help="folder for the temporary data and databases (a real disk)")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     args = p.parse_args()

@@ -65,35 +65,36 @@ class Seed:
 
 
 class Ours:
-    """train.py's recipe: uint8 tensors, batch augmentation, TrainConfig defaults (or `sets`)."""
+    """train.py's recipe: uint8 tensors, batch augmentation, training.Recipe defaults (or `sets`)."""
 
     def __init__(self, root: str, seed: int = 0, sets: list[str] = ()):
         import torch
-        import train
+        import training
         from data import load_data
-        from model import amp_dtype, autocast, build_model, set_seed
-        self.train, self.root, self.seed = train, root, seed
-        self.cfg = dataclasses.replace(train.TrainConfig(), **parse_sets(list(sets), train.TrainConfig))
+        from model import build_model
+        from runtime import amp_dtype, autocast, set_seed
+        self.training, self.root, self.seed = training, root, seed
+        self.cfg = training.Recipe(**parse_sets(list(sets), training.Recipe))
         set_seed(seed)  # as train.main: seed -> data -> model -> optimizer -> epochs
         self.split = load_data("pathmnist", 28, root, ("train",), download_missing=False).splits["train"]
         self.n = len(self.split)
         self.model = build_model("lightcnn").to(memory_format=torch.channels_last)
-        self.optimizer = train.make_optimizer(self.model, self.cfg)
+        self.optimizer = training.make_optimizer(self.model, self.cfg)
         self.scaler = torch.amp.GradScaler("cpu", enabled=False)
         self.autocast = autocast(torch.device("cpu"), amp_dtype(self.cfg.amp, torch.device("cpu")))
 
     def epoch(self, epoch: int, chunk: int = 0):
-        order, generator = self.train.seed_epoch(self.seed, epoch, self.n)
+        order, generator = self.training.seed_epoch(self.seed, epoch, self.n)
         for part in order.split(chunk or self.n):
-            self.train.train_one_epoch(self.model, self.split, part, self.optimizer, self.scaler, self.autocast,
+            self.training.train_one_epoch(self.model, self.split, part, self.optimizer, self.scaler, self.autocast,
                                        generator, self.cfg, "bench", progress=False)
             yield
 
     def test_accuracy(self) -> float:
-        import evaluate
         from data import load_data
+        from model import predict
         test = load_data("pathmnist", 28, self.root, ("test",), download_missing=False).splits["test"]
-        scores = evaluate.predict(self.model, test.images, self.cfg.eval_batch_size, "cpu", "multi-class", self.cfg.amp)
+        scores = predict(self.model, test.images, self.cfg.eval_batch_size, "cpu", "multi-class", self.cfg.amp)
         return float((scores.argmax(1) == test.labels.numpy()).mean())
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-import train
+import training
 from model import build_model, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,25 +28,25 @@ FLAGS = ["--dataset", "synthetic", "--synthetic-sizes", f"{TRAIN_IMAGES},48,48",
 
 @pytest.mark.parametrize("n, world", [(96, 1), (96, 2), (97, 2), (100, 3), (5, 4)])
 def test_each_rank_gets_an_equal_disjoint_share_of_one_permutation(n, world):
-    shards = [train.seed_epoch(0, 3, n, rank, world)[0] for rank in range(world)]
+    shards = [training.seed_epoch(0, 3, n, rank, world)[0] for rank in range(world)]
     assert all(len(s) == n // world for s in shards)  # equal batches on every rank: no rank waits forever
     joined = torch.cat(shards)
     assert len(joined.unique()) == len(joined) == n - n % world  # each image at most once per epoch
-    alone = train.seed_epoch(0, 3, n, 0, 1)[0]
+    alone = training.seed_epoch(0, 3, n, 0, 1)[0]
     assert torch.equal(torch.stack(shards, 1).flatten(), alone[: n - n % world])  # the same permutation
 
 
 def test_epoch_draws_depend_on_seed_epoch_and_rank_only():
-    order, g = train.seed_epoch(0, 2, 96, 1, 2)
+    order, g = training.seed_epoch(0, 2, 96, 1, 2)
     dropout = torch.rand(4)
-    again, g2 = train.seed_epoch(0, 2, 96, 1, 2)
+    again, g2 = training.seed_epoch(0, 2, 96, 1, 2)
     assert torch.equal(order, again) and torch.equal(torch.rand(4), dropout)
     assert torch.equal(g.get_state(), g2.get_state())
-    _, g_rank0 = train.seed_epoch(0, 2, 96, 0, 2)
+    _, g_rank0 = training.seed_epoch(0, 2, 96, 0, 2)
     dropout_rank0 = torch.rand(4)
     assert not torch.equal(g_rank0.get_state(), g.get_state()) and not torch.equal(dropout_rank0, dropout)
-    assert not torch.equal(train.seed_epoch(0, 3, 96, 1, 2)[0], order)  # a new order every epoch
-    assert not torch.equal(train.seed_epoch(1, 2, 96, 1, 2)[0], order)  # and for every seed
+    assert not torch.equal(training.seed_epoch(0, 3, 96, 1, 2)[0], order)  # a new order every epoch
+    assert not torch.equal(training.seed_epoch(1, 2, 96, 1, 2)[0], order)  # and for every seed
 
 
 # ----------------------------------------------------------------------------- torchrun

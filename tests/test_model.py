@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import (AdaptiveAvgPool7, CheckpointError, LightCNN, build_model, count_flops, gradcam_layer,
-                   inference_copy, load_checkpoint, predict, read_checkpoint, save_checkpoint)
+                   inference_copy, load_checkpoint, read_checkpoint, save_checkpoint)
 
 # (model, size, batch, expected Grad-CAM map side). ResNet-50 below 224 has a stride-1 stem and no
 # max-pool, so layer4 is size/8 rounded up; at 224 the ImageNet stem gives the usual 7x7.

@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 import data
 import train
-from model import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from model import CheckpointError, build_model, load_checkpoint, read_checkpoint, save_checkpoint
 
 SIZES = (97, 45, 45)  # train/val/test; 45 holds every one of the 9 classes
 SEEN = 96  # the train images minus the last batch of one, which is skipped
@@ -145,7 +145,7 @@ def test_checkpoints_stand_alone(one_epoch):
         assert {"model", "optimizer", "scheduler", "epoch", "best_metric", "config", "rng"} <= ck.keys()
         assert ck["epoch"] == 1 and ck["config"] == config
         assert ck["best_metric"] == rows[0]["val_acc"]
-        assert ck["model"].keys() == train.build_model("lightcnn").state_dict().keys()  # no prefixes
+        assert ck["model"].keys() == build_model("lightcnn").state_dict().keys()  # no prefixes
         assert ck["rng"]["torch"].dtype == torch.uint8 and ck["rng"]["data"].dtype == torch.uint8
         assert ck["optimizer"]["param_groups"][0]["lr"] == 1e-3
     assert_same_tensors(last["model"], best["model"])  # epoch 1 always improves on -inf
@@ -317,7 +317,7 @@ def test_nan_loss_stops_with_last_good_checkpoint(monkeypatch, events, tmp_path)
         return loss * float("nan") if (at["epoch"], at["call"]) == (2, 2) else loss
 
     monkeypatch.setattr(train, "train_one_epoch", epoch)
-    monkeypatch.setattr(train.F, "cross_entropy", ce)
+    monkeypatch.setattr(F, "cross_entropy", ce)
     run = tmp_path / "run"
     with pytest.raises(FloatingPointError, match="last.pt") as e:
         fit(run, "--epochs", "3")
@@ -328,6 +328,6 @@ def test_nan_loss_stops_with_last_good_checkpoint(monkeypatch, events, tmp_path)
     load_checkpoint(run / "last.pt")
     assert [r["epoch"] for r in read_rows(run)[1]] == [1]
     # With the loss healthy again, the run resumes from the last good epoch.
-    monkeypatch.setattr(train.F, "cross_entropy", real_ce)
+    monkeypatch.setattr(F, "cross_entropy", real_ce)
     train.main(["--resume", str(run), "--epochs", "2", "--device", "cpu"])
     assert load(run / "last.pt")["epoch"] == 2 and [r["epoch"] for r in read_rows(run)[1]] == [1, 2]
