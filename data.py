@@ -216,8 +216,6 @@ def data_for_run(cfg: dict, splits: tuple[str, ...], data_dir: str = "", checkpo
 def _read_npz(path: Path, splits) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as f:
-            if not isinstance(f, np.lib.npyio.NpzFile):
-                raise ValueError("a single .npy array, not an .npz archive")
             keys = set(f.files)
             # A plain `images`/`labels` file (like the real tiles in ../shared/data) is one test split.
             alias = {f"test_{k}": k for k in ("images", "labels", "masks")
@@ -226,7 +224,14 @@ def _read_npz(path: Path, splits) -> dict[str, np.ndarray]:
             return ({k: f[alias.get(k, k)] for k in wanted if alias.get(k, k) in keys}
                     | {"_keys": np.array(sorted(keys))})
     except (OSError, ValueError, TypeError, zipfile.BadZipFile, zlib.error, EOFError) as e:
-        raise DataError(f"{path}: not a readable .npz file ({e}); the file is truncated or corrupt, "
+        if zipfile.is_zipfile(path) and "allow_pickle" in str(e):
+            raise DataError(f"{path}: holds object (pickled) arrays, which are never loaded since unpickling "
+                            f"can run code; save images and labels as numeric arrays (np.savez)") from None
+        with open(path, "rb") as f:
+            head = f.read(6)
+        reason = ("a single .npy array, not an .npz archive" if head == b"\x93NUMPY" else
+                  str(e) if zipfile.is_zipfile(path) else "neither a zip archive nor an .npy array")
+        raise DataError(f"{path}: not a readable .npz file ({reason}); the file is truncated or corrupt, "
                         f"delete it and download it again") from None
 
 
@@ -241,28 +246,32 @@ def _validate(arrays: dict, source: str, splits, num_classes: int, n_channels: i
                             f"keys present: {keys}); choose another --split or another file")
         x, y = arrays[f"{s}_images"], arrays[f"{s}_labels"]
         if x.dtype != np.uint8:
-            raise DataError(f"{source}: {s}_images has dtype {x.dtype}, expected uint8 images")
+            raise DataError(f"{source}: {s}_images has dtype {x.dtype}, expected uint8 images (0-255, as "
+                            f"MedMNIST stores them); save the images as np.uint8")
         if x.ndim == 3 and n_channels == 1:
             x = x[..., None]
         if x.ndim != 4 or x.shape[1:] != (size, size, n_channels):
             raise DataError(f"{source}: {s}_images has shape {x.shape}, expected "
                             f"(N, {size}, {size}, {n_channels}); check --size and --dataset")
         if len(x) == 0:
-            raise DataError(f"{source}: the {s!r} split is empty")
+            raise DataError(f"{source}: the {s!r} split is empty (0 images); choose another --split or another file")
         if not np.issubdtype(y.dtype, np.integer) and not (
                 np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y))):
-            raise DataError(f"{source}: {s}_labels has dtype {y.dtype}, expected integer labels")
+            raise DataError(f"{source}: {s}_labels has dtype {y.dtype}, expected integer labels; store "
+                            f"whole class indices")
         width = n_labels or 1
         if y.shape != (len(x), width) and not (width == 1 and y.shape == (len(x),)):
-            raise DataError(f"{source}: {s}_labels has shape {y.shape}, expected ({len(x)}, {width})")
+            raise DataError(f"{source}: {s}_labels has shape {y.shape}, expected ({len(x)}, {width}): "
+                            f"{'one 0/1 column per label' if n_labels else 'one class index'} per image")
         hi = 1 if n_labels else num_classes - 1
         if y.min() < 0 or y.max() > hi:
             raise DataError(f"{source}: {s}_labels has values in [{y.min()}, {y.max()}], "
-                            f"expected [0, {hi}]")
+                            f"expected [0, {hi}]; the labels are not those of this dataset: check --dataset")
         labels = torch.from_numpy(y.astype(np.int64).reshape(len(x), -1))
         masks = arrays.get(f"{s}_masks")
         if masks is not None and masks.shape != (len(x), size, size):
-            raise DataError(f"{source}: {s}_masks has shape {masks.shape}, expected ({len(x)}, {size}, {size})")
+            raise DataError(f"{source}: {s}_masks has shape {masks.shape}, expected ({len(x)}, {size}, {size}): "
+                            f"one evidence mask per image, at the images' size")
         out[s] = Split(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
                        labels if n_labels else labels[:, 0],
                        None if masks is None else torch.from_numpy(masks.astype(bool)))

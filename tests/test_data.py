@@ -220,35 +220,54 @@ def _npy_named_npz(path):
 
 
 N = 18
+UNREADABLE = ("not a readable .npz file", "truncated or corrupt, delete it and download it again")
+SHAPE = "check --size and --dataset"
+# name -> (how the file is made bad, the reason the message must give, the remedy it must name)
 CORRUPT = {
-    "truncated": _truncated,
-    "random_bytes": _random_bytes,
-    "empty_file": lambda p: p.write_bytes(b""),
-    "float_images": _replace(test_images=np.zeros((N, 28, 28, 3), np.float32)),
-    "wrong_size": _replace(test_images=np.zeros((N, 32, 32, 3), np.uint8)),
-    "wrong_channels": _replace(test_images=np.zeros((N, 28, 28, 1), np.uint8)),
-    "channels_first": _replace(test_images=np.zeros((N, 3, 28, 28), np.uint8)),
-    "label_9": _replace(test_labels=np.full((N, 1), 9, np.uint8)),
-    "label_negative": _replace(test_labels=np.full((N, 1), -1, np.int64)),
-    "label_fraction": _replace(test_labels=np.full((N, 1), 0.5, np.float32)),
-    "labels_2_columns": _replace(test_labels=np.zeros((N, 2), np.uint8)),
-    "labels_too_few": _replace(test_labels=np.zeros((N - 1, 1), np.uint8)),
-    "empty_split": _replace(test_images=np.zeros((0, 28, 28, 3), np.uint8), test_labels=np.zeros((0, 1), np.uint8)),
-    "no_labels": _replace(test_labels=None),
-    "object_arrays": _replace(test_labels=np.array([None] * N, dtype=object)),
-    "masks_wrong_shape": _replace(test_masks=np.zeros((N, 14, 14), bool)),
-    "corrupt_member": _corrupt_member,
-    "npy_named_npz": _npy_named_npz,
+    "truncated": (_truncated, *UNREADABLE),
+    "random_bytes": (_random_bytes, "neither a zip archive nor an .npy array", UNREADABLE[1]),
+    "empty_file": (lambda p: p.write_bytes(b""), "neither a zip archive nor an .npy array", UNREADABLE[1]),
+    "corrupt_member": (_corrupt_member, "Error -3 while decompressing data", UNREADABLE[1]),
+    "npy_named_npz": (_npy_named_npz, "a single .npy array, not an .npz archive", UNREADABLE[1]),
+    "object_arrays": (_replace(test_labels=np.array([None] * N, dtype=object)), "holds object (pickled) arrays",
+                      "save images and labels as numeric arrays"),
+    "float_images": (_replace(test_images=np.zeros((N, 28, 28, 3), np.float32)), "test_images has dtype float32",
+                     "save the images as np.uint8"),
+    "wrong_size": (_replace(test_images=np.zeros((N, 32, 32, 3), np.uint8)),
+                   "test_images has shape (18, 32, 32, 3), expected (N, 28, 28, 3)", SHAPE),
+    "wrong_channels": (_replace(test_images=np.zeros((N, 28, 28, 1), np.uint8)),
+                       "test_images has shape (18, 28, 28, 1), expected (N, 28, 28, 3)", SHAPE),
+    "channels_first": (_replace(test_images=np.zeros((N, 3, 28, 28), np.uint8)),
+                       "test_images has shape (18, 3, 28, 28), expected (N, 28, 28, 3)", SHAPE),
+    "label_9": (_replace(test_labels=np.full((N, 1), 9, np.uint8)), "test_labels has values in [9, 9], expected [0, 8]",
+                "check --dataset"),
+    "label_negative": (_replace(test_labels=np.full((N, 1), -1, np.int64)),
+                       "test_labels has values in [-1, -1], expected [0, 8]", "check --dataset"),
+    "label_fraction": (_replace(test_labels=np.full((N, 1), 0.5, np.float32)), "test_labels has dtype float32",
+                       "store whole class indices"),
+    "labels_2_columns": (_replace(test_labels=np.zeros((N, 2), np.uint8)), "test_labels has shape (18, 2), expected (18, 1)",
+                         "one class index per image"),
+    "labels_too_few": (_replace(test_labels=np.zeros((N - 1, 1), np.uint8)),
+                       "test_labels has shape (17, 1), expected (18, 1)", "one class index per image"),
+    "empty_split": (_replace(test_images=np.zeros((0, 28, 28, 3), np.uint8), test_labels=np.zeros((0, 1), np.uint8)),
+                    "the 'test' split is empty (0 images)", "choose another --split or another file"),
+    "no_labels": (_replace(test_labels=None), "has no 'test' split (needs test_images and test_labels; keys present: "
+                  "test_images)", "choose another --split or another file"),
+    "masks_wrong_shape": (_replace(test_masks=np.zeros((N, 14, 14), bool)),
+                          "test_masks has shape (18, 14, 14), expected (18, 28, 28)", "one evidence mask per image"),
 }
 
 
-@pytest.mark.parametrize("make", CORRUPT.values(), ids=CORRUPT.keys())
-def test_corrupt_file_is_a_one_line_error_naming_it(tmp_path, make):
+@pytest.mark.parametrize("make, reason, remedy", CORRUPT.values(), ids=CORRUPT.keys())
+def test_corrupt_file_is_a_one_line_error_with_its_reason(tmp_path, make, reason, remedy):
     path = tmp_path / "pathmnist.npz"
     make(path)
+    before = path.read_bytes()
     with pytest.raises(DataError) as e:
         load_data("pathmnist", 28, path, splits=("test",))
     _one_line_naming(e.value, path)
+    assert reason in str(e.value) and remedy in str(e.value), str(e.value)
+    assert path.read_bytes() == before  # a bad file is reported, never rewritten or deleted
 
 
 # ------------------------------------------------------------------------------------------------

@@ -431,15 +431,40 @@ def test_two_processes_write_overlapping_batches(tmp_path):
 
 # ----------------------------------------------------------------------------- trust metrics (schema 2)
 
+# The schema of the first release, frozen here as it shipped (not read from db.MIGRATIONS, so that a
+# change to the migration scripts cannot change what an old file looks like to this test).
+SCHEMA_V1 = """
+PRAGMA application_id = 1481657422;
+CREATE TABLE models(
+    id INTEGER PRIMARY KEY, checkpoint_sha256 TEXT UNIQUE NOT NULL, name TEXT NOT NULL,
+    config_json TEXT NOT NULL, created_at TEXT DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')));
+CREATE TABLE settings(
+    id INTEGER PRIMARY KEY, method TEXT NOT NULL, params_json TEXT NOT NULL, UNIQUE(method, params_json));
+CREATE TABLE samples(
+    id INTEGER PRIMARY KEY, dataset TEXT NOT NULL, size INTEGER NOT NULL, split TEXT NOT NULL,
+    idx INTEGER NOT NULL, label INTEGER NOT NULL, UNIQUE(dataset, size, split, idx));
+CREATE TABLE attributions(
+    id INTEGER PRIMARY KEY,
+    model_id INTEGER NOT NULL REFERENCES models(id),
+    setting_id INTEGER NOT NULL REFERENCES settings(id),
+    sample_id INTEGER NOT NULL REFERENCES samples(id),
+    target INTEGER NOT NULL, predicted INTEGER NOT NULL, confidence REAL NOT NULL, delta REAL,
+    dtype TEXT NOT NULL CHECK (dtype IN ('float16', 'float32')), shape TEXT NOT NULL,
+    map BLOB NOT NULL, raw_shape TEXT, raw BLOB, created_at TEXT DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    UNIQUE(model_id, setting_id, sample_id, target));
+CREATE INDEX attributions_sample ON attributions(sample_id);
+CREATE INDEX attributions_class ON attributions(predicted, target);
+CREATE INDEX attributions_confidence ON attributions(confidence);
+PRAGMA user_version = 1;
+"""
+
+
 def test_version_1_file_upgrades_in_place(tmp_path):
     """A file written by the schema-1 code opens with this code: rows kept, metric tables added."""
-    import db as dbmod
     path = tmp_path / "v1.db"
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.executescript(SCHEMA_V1)
         conn.execute("BEGIN")
-        for statement in dbmod._statements(dbmod.MIGRATIONS[0]):
-            conn.execute(statement)
-        conn.execute("PRAGMA user_version = 1")
         conn.execute("INSERT INTO models(checkpoint_sha256, name, config_json) VALUES (?, 'tiny', '{}')", (sha("a"),))
         conn.execute("INSERT INTO settings(method, params_json) VALUES ('ig', '{}')")
         conn.execute("INSERT INTO samples(dataset, size, split, idx, label) VALUES ('d', 2, 'test', 7, 1)")
