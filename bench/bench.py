@@ -137,11 +137,13 @@ def our_store(path, maps, targets, cfg):
     """explain.py's writes: float32 maps as computed, cast and stored a batch per transaction."""
     with ExplanationDB(path) as db:  # registering model, setting and samples is part of the work
         model_id, setting_id = db.add_model("0" * 64, "lightcnn", {}), db.add_setting("ig", {"bench": 1})
-        ids = db.add_samples(dataset="bench", size=28, split="test", indices=np.arange(len(maps)), labels=targets)
+        ids = db.add_samples(dataset="bench", size=28, split="test", indices=np.arange(len(maps)),
+                             labels=targets)
         for s in range(0, len(maps), cfg.batch_size):
             part = slice(s, s + cfg.batch_size)
             n = len(ids[part])
-            db.add_attributions(model_id=model_id, setting_id=setting_id, sample_ids=ids[part], targets=targets[part], predicted=targets[part], confidence=np.full(n, 0.9),
+            db.add_attributions(model_id=model_id, setting_id=setting_id, sample_ids=ids[part],
+                                targets=targets[part], predicted=targets[part], confidence=np.full(n, 0.9),
                                 maps=as_stored(maps[part], cfg.store_dtype), deltas=np.zeros(n),
                                 dtype=cfg.store_dtype, replace=False)
             yield

@@ -56,3 +56,27 @@ def lightcnn_with_fitted_head():
                 opt.step()
         return net
     return make
+
+
+@pytest.fixture(scope="session")
+def hand_gradcam():
+    """compute(net, layer, x, t): Grad-CAM computed by hand from the layer's activations and gradients."""
+    import torch.nn.functional as F
+
+    def compute(net, layer, x, t) -> torch.Tensor:
+        """Selvaraju et al.: relu(sum_k mean_hw(d y_t / d A_k) A_k), A the layer's output (N, K, h, w).
+
+        The hook sits on the whole block, so A is the tensor the next layer reads: for LightCNN the
+        result of the block's in-place ReLU (a copy of the BatchNorm output would keep the negative
+        pre-activations, and a hook on the BatchNorm hands over storage the ReLU then overwrites)."""
+        acts = []
+        handle = layer.register_forward_hook(lambda mod, inp, out: acts.append(out))
+        try:
+            out = net(x)
+        finally:
+            handle.remove()
+        (a,) = acts
+        (grad,) = torch.autograd.grad(out.gather(1, t[:, None]).sum(), a)
+        weights = grad.mean((2, 3), keepdim=True)
+        return F.relu((weights * a).sum(1, keepdim=True)).detach()
+    return compute

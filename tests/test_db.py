@@ -53,8 +53,9 @@ def test_float32_round_trip_is_bit_exact(db):
     maps = rng.standard_normal((3, 3, 4, 4)).astype(np.float32)
     maps[0, 0, 0, :3] = [-0.0, 1e-45, np.finfo(np.float32).max]  # signed zero, subnormal, extreme
     raw = rng.standard_normal((3, 1, 2, 2)).astype(np.float32)
-    assert db.add_attributions(model_id=m, setting_id=s, sample_ids=ids, targets=[0, 1, 2], predicted=[0, 2, 2], confidence=[0.9, 0.6, 0.3], maps=maps,
-                               deltas=[0.1, np.nan, -0.2], raw_maps=raw, dtype="float32") == 3
+    assert db.add_attributions(model_id=m, setting_id=s, sample_ids=ids, targets=[0, 1, 2], predicted=[0, 2, 2],
+                               confidence=[0.9, 0.6, 0.3], maps=maps, deltas=[0.1, np.nan, -0.2], raw_maps=raw,
+                               dtype="float32") == 3
     out = db.maps()
     order = [1, 0, 2]  # rows come back sorted by image index: 2, 5, 7
     assert out["maps"].dtype == np.float32
@@ -73,7 +74,8 @@ def test_float16_is_the_default_and_compact(db):
     rng = np.random.default_rng(1)
     maps = (rng.standard_normal((2, 1, 28, 28)) * 1e-3).astype(np.float32)  # IG-sized values
     raw = rng.random((2, 1, 7, 7))  # float64 input is cast too
-    db.add_attributions(model_id=m, setting_id=s, sample_ids=ids, targets=[3, 4], predicted=[3, 4], confidence=[0.5, 0.5], maps=maps, raw_maps=raw)
+    db.add_attributions(model_id=m, setting_id=s, sample_ids=ids, targets=[3, 4], predicted=[3, 4],
+                        confidence=[0.5, 0.5], maps=maps, raw_maps=raw)
     out = db.maps()
     assert np.array_equal(out["maps"], f16(maps)) and np.array_equal(out["raw"], f16(raw))
     assert np.isnan(out["delta"]).all()
@@ -86,9 +88,23 @@ def test_float16_overflow_is_refused_with_a_remedy(db):
     ids = db.add_samples(dataset="d", size=8, split="test", indices=[0], labels=[0])
     big = np.full((1, 2, 2), 1e5, np.float32)  # finite in float32, inf in float16
     with pytest.raises(ValueError, match="float32"):
-        db.add_attributions(model_id=m, setting_id=s, sample_ids=ids, targets=[0], predicted=[0], confidence=[1.0], maps=big)
-    db.add_attributions(model_id=m, setting_id=s, sample_ids=ids, targets=[0], predicted=[0], confidence=[1.0], maps=big, dtype="float32")
+        db.add_attributions(model_id=m, setting_id=s, sample_ids=ids, targets=[0], predicted=[0],
+                            confidence=[1.0], maps=big)
+    db.add_attributions(model_id=m, setting_id=s, sample_ids=ids, targets=[0], predicted=[0], confidence=[1.0],
+                        maps=big, dtype="float32")
     assert db.maps()["maps"].tolist() == big.tolist()
+
+
+def test_writes_take_keywords_only_so_fields_cannot_be_swapped(db):
+    m, s = db.add_model(sha("a"), "tiny", {}), db.add_setting("ig", {})
+    with pytest.raises(TypeError):
+        db.add_samples("d", 8, "test", [0], [0])
+    ids = db.add_samples(dataset="d", size=8, split="test", indices=[0], labels=[0])
+    with pytest.raises(TypeError):  # targets and predicted would be indistinguishable by position
+        db.add_attributions(m, s, ids, [0], [1], [0.5], np.zeros((1, 2, 2)))
+    with pytest.raises(TypeError):
+        db.add_summary_metric(m, s, "d", 8, "test", "x", 0.0, 1)
+    assert count(db.path) == 0
 
 
 def test_models_methods_and_params_do_not_collide(db):
@@ -102,7 +118,8 @@ def test_models_methods_and_params_do_not_collide(db):
     (sid,) = db.add_samples(dataset="pathmnist", size=28, split="test", indices=[11], labels=[5])
     for i, m in enumerate(models):
         for j, s in enumerate(settings):
-            db.add_attributions(model_id=m, setting_id=s, sample_ids=[sid], targets=[5], predicted=[5], confidence=[0.5], maps=np.full((1, 2, 2), 10 * i + j))
+            db.add_attributions(model_id=m, setting_id=s, sample_ids=[sid], targets=[5], predicted=[5],
+                                confidence=[0.5], maps=np.full((1, 2, 2), 10 * i + j))
     assert count(db.path) == 6
     for i, m in enumerate(models):
         for j, s in enumerate(settings):
@@ -114,9 +131,11 @@ def test_models_methods_and_params_do_not_collide(db):
 def test_rerun_replaces_rows_and_keeps_ids(db):
     m, s = db.add_model(sha("a"), "tiny", {}), db.add_setting("ig", {})
     ids = db.add_samples(dataset="d", size=8, split="test", indices=range(4), labels=[0, 1, 0, 1])
-    db.add_attributions(model_id=m, setting_id=s, sample_ids=ids, targets=[0, 1, 0, 1], predicted=[0] * 4, confidence=[0.1] * 4, maps=np.zeros((4, 2, 2)), deltas=[1.0] * 4)
+    db.add_attributions(model_id=m, setting_id=s, sample_ids=ids, targets=[0, 1, 0, 1], predicted=[0] * 4,
+                        confidence=[0.1] * 4, maps=np.zeros((4, 2, 2)), deltas=[1.0] * 4)
     before = db.maps()["attribution_id"]
-    db.add_attributions(model_id=m, setting_id=s, sample_ids=ids[:2], targets=[0, 1], predicted=[1, 1], confidence=[0.7, 0.8], maps=np.ones((2, 2, 2)))
+    db.add_attributions(model_id=m, setting_id=s, sample_ids=ids[:2], targets=[0, 1], predicted=[1, 1],
+                        confidence=[0.7, 0.8], maps=np.ones((2, 2, 2)))
     out = db.maps()
     assert count(db.path) == 4 and np.array_equal(out["attribution_id"], before)
     assert (out["maps"][:2] == 1).all() and (out["maps"][2:] == 0).all()
@@ -127,8 +146,10 @@ def test_rerun_replaces_rows_and_keeps_ids(db):
 def test_done_targets_returns_exactly_what_is_stored(db):
     m, s, other = db.add_model(sha("a"), "tiny", {}), db.add_setting("ig", {}), db.add_setting("gradcam", {})
     a, b, c = db.add_samples(dataset="d", size=8, split="test", indices=[0, 1, 2], labels=[0, 0, 0]).tolist()
-    db.add_attributions(model_id=m, setting_id=s, sample_ids=[a, a, b], targets=[1, 3, 2], predicted=[0, 0, 0], confidence=[0.5] * 3, maps=np.zeros((3, 2, 2)))
-    db.add_attributions(model_id=m, setting_id=other, sample_ids=[c], targets=[0], predicted=[0], confidence=[0.5], maps=np.zeros((1, 2, 2)))
+    db.add_attributions(model_id=m, setting_id=s, sample_ids=[a, a, b], targets=[1, 3, 2], predicted=[0, 0, 0],
+                        confidence=[0.5] * 3, maps=np.zeros((3, 2, 2)))
+    db.add_attributions(model_id=m, setting_id=other, sample_ids=[c], targets=[0], predicted=[0],
+                        confidence=[0.5], maps=np.zeros((1, 2, 2)))
     assert db.done_targets(m, s, [a, b, c]) == {(a, 1), (a, 3), (b, 2)}
     assert db.done_targets(m, s, np.array([b])) == {(b, 2)}
     assert db.done_targets(m, other, [a, b, c]) == {(c, 0)}
@@ -158,12 +179,15 @@ def populated(db):
            "cam": rng.random((n, 2, 1, 6, 6)), "raw": rng.random((n, 2, 1, 2, 2))}
     m = db.add_model(sha("a"), "tiny", {})
     ig, cam = db.add_setting("ig", {"steps": 8}), db.add_setting("gradcam", {})
-    ids = db.add_samples(dataset="synthetic-seed0", size=8, split="test", indices=ref["index"], labels=ref["label"])
-    db.add_attributions(model_id=m, setting_id=ig, sample_ids=ids, targets=ref["predicted"], predicted=ref["predicted"], confidence=ref["confidence"], maps=ref["ig"],
+    ids = db.add_samples(dataset="synthetic-seed0", size=8, split="test", indices=ref["index"],
+                         labels=ref["label"])
+    db.add_attributions(model_id=m, setting_id=ig, sample_ids=ids, targets=ref["predicted"],
+                        predicted=ref["predicted"], confidence=ref["confidence"], maps=ref["ig"],
                         deltas=ref["delta"])
     for t in range(2):  # Grad-CAM for target (predicted + t) % 4
-        db.add_attributions(model_id=m, setting_id=cam, sample_ids=ids, targets=(ref["predicted"] + t) % 4, predicted=ref["predicted"], confidence=ref["confidence"],
-                            maps=ref["cam"][:, t], raw_maps=ref["raw"][:, t])
+        db.add_attributions(model_id=m, setting_id=cam, sample_ids=ids, targets=(ref["predicted"] + t) % 4,
+                            predicted=ref["predicted"], confidence=ref["confidence"], maps=ref["cam"][:, t],
+                            raw_maps=ref["raw"][:, t])
     return db, ref
 
 
@@ -266,7 +290,8 @@ BAD_BATCHES = {  # case -> what to change in a valid batch, given its three samp
 def test_bad_batch_raises_and_stores_nothing(db, case):
     m, s = db.add_model(sha("a"), "tiny", {}), db.add_setting("ig", {})
     ids = db.add_samples(dataset="d", size=8, split="test", indices=[0, 1, 2], labels=[0, 0, 0])
-    db.add_attributions(model_id=m, setting_id=s, sample_ids=ids[:2], targets=[0, 0], predicted=[0, 0], confidence=[0.9, 0.9], maps=np.zeros((2, 2, 2)))
+    db.add_attributions(model_id=m, setting_id=s, sample_ids=ids[:2], targets=[0, 0], predicted=[0, 0],
+                        confidence=[0.9, 0.9], maps=np.zeros((2, 2, 2)))
     before = db.maps()
     # The batch overwrites the two stored rows and adds a third: none of it may land.
     batch = dict(sample_ids=ids, targets=[0, 0, 0], predicted=[1, 1, 1], confidence=[0.5] * 3,
@@ -287,8 +312,9 @@ def make_bad_file(path: Path, kind: str, tmp_path: Path) -> None:
         real = tmp_path / "real.db"
         with ExplanationDB(real) as d:
             ids = d.add_samples(dataset="d", size=8, split="test", indices=range(50), labels=[0] * 50)
-            d.add_attributions(model_id=d.add_model(sha("a"), "a", {}), setting_id=d.add_setting("ig", {}), sample_ids=ids, targets=[0] * 50,
-                               predicted=[0] * 50, confidence=[0.5] * 50, maps=np.ones((50, 3, 8, 8)))
+            d.add_attributions(model_id=d.add_model(sha("a"), "a", {}), setting_id=d.add_setting("ig", {}),
+                               sample_ids=ids, targets=[0] * 50, predicted=[0] * 50, confidence=[0.5] * 50,
+                               maps=np.ones((50, 3, 8, 8)))
         size = 1000 if kind == "truncated to 1000 bytes" else 2 * 4096
         assert real.stat().st_size > size
         path.write_bytes(real.read_bytes()[:size])
@@ -407,8 +433,8 @@ def write_range(path: str, lo: int, hi: int) -> None:
             ids = d.add_samples(dataset="synthetic-seed0", size=8, split="test", indices=idx, labels=idx % 9)
             for target in (0, 1):
                 maps = np.broadcast_to((idx + target / 10)[:, None, None], (len(idx), 4, 4))
-                d.add_attributions(model_id=m, setting_id=s, sample_ids=ids, targets=np.full(len(idx), target), predicted=idx % 9, confidence=idx / 1000, maps=maps,
-                                   dtype="float32")
+                d.add_attributions(model_id=m, setting_id=s, sample_ids=ids, targets=np.full(len(idx), target),
+                                   predicted=idx % 9, confidence=idx / 1000, maps=maps, dtype="float32")
 
 
 def test_two_processes_write_overlapping_batches(tmp_path):
@@ -507,10 +533,13 @@ def test_sample_and_summary_metrics_round_trip(populated):
 
     m, s = int(ig["model_id"][0]), int(ig["setting_id"][0])
     curve = np.array([0.9, 0.5, np.nan])
-    db.add_summary_metric(model_id=m, setting_id=s, dataset="synthetic-seed0", size=8, split="test", name="deletion_auc", value=np.float32(0.25), n=16,
+    db.add_summary_metric(model_id=m, setting_id=s, dataset="synthetic-seed0", size=8, split="test",
+                          name="deletion_auc", value=np.float32(0.25), n=16,
                           detail={"curve": curve, "per_class": {"disk": np.float64(0.5)}, "layers": ("fc", "conv1")})
-    db.add_summary_metric(model_id=m, setting_id=None, dataset="synthetic-seed0", size=8, split="test", name="agreement", value=0.1, n=40, detail={})
-    db.add_summary_metric(model_id=m, setting_id=None, dataset="synthetic-seed0", size=8, split="test", name="agreement", value=0.2, n=41, detail={})  # replaces
+    db.add_summary_metric(model_id=m, setting_id=None, dataset="synthetic-seed0", size=8, split="test",
+                          name="agreement", value=0.1, n=40, detail={})
+    db.add_summary_metric(model_id=m, setting_id=None, dataset="synthetic-seed0", size=8, split="test",
+                          name="agreement", value=0.2, n=41, detail={})  # replaces
     rows = db.summary_metrics()
     assert [(r["method"], r["setting_id"], r["name"], r["value"], r["n"]) for r in rows] == [
         (None, None, "agreement", 0.2, 41), ("ig", s, "deletion_auc", 0.25, 16)]
@@ -518,7 +547,8 @@ def test_sample_and_summary_metrics_round_trip(populated):
     assert rows[1]["sha256"] == sha("a")[:12] and rows[1]["params"] == '{"steps":8}'
     assert db.summary_metrics(model_id=m + 1) == []
     with pytest.raises(ValueError, match="unknown model_id"):
-        db.add_summary_metric(model_id=m + 1, setting_id=s, dataset="d", size=8, split="test", name="x", value=0.0, n=1)
+        db.add_summary_metric(model_id=m + 1, setting_id=s, dataset="d", size=8, split="test", name="x",
+                              value=0.0, n=1)
 
 
 def test_rewritten_map_drops_the_metrics_computed_from_it(populated):
@@ -527,17 +557,23 @@ def test_rewritten_map_drops_the_metrics_computed_from_it(populated):
     ig = db.maps(method="ig")
     m, s = int(ig["model_id"][0]), int(ig["setting_id"][0])
     db.add_sample_metrics(ig["attribution_id"], "deletion_auc", np.zeros(40))
-    db.add_summary_metric(model_id=m, setting_id=s, dataset="synthetic-seed0", size=8, split="test", name="deletion_auc", value=0.0, n=40)
-    db.add_summary_metric(model_id=m, setting_id=None, dataset="synthetic-seed0", size=8, split="test", name="agreement", value=0.0, n=40)
-    db.add_summary_metric(model_id=m, setting_id=s, dataset="other", size=8, split="test", name="deletion_auc", value=0.0, n=40)
+    db.add_summary_metric(model_id=m, setting_id=s, dataset="synthetic-seed0", size=8, split="test",
+                          name="deletion_auc", value=0.0, n=40)
+    db.add_summary_metric(model_id=m, setting_id=None, dataset="synthetic-seed0", size=8, split="test",
+                          name="agreement", value=0.0, n=40)
+    db.add_summary_metric(model_id=m, setting_id=s, dataset="other", size=8, split="test", name="deletion_auc",
+                          value=0.0, n=40)
     first = slice(0, 1)
-    sid = db.add_samples(dataset="synthetic-seed0", size=8, split="test", indices=ig["index"][first], labels=ig["label"][first])
+    sid = db.add_samples(dataset="synthetic-seed0", size=8, split="test", indices=ig["index"][first],
+                         labels=ig["label"][first])
     # The same map again: nothing changes, the metrics stay.
-    db.add_attributions(model_id=m, setting_id=s, sample_ids=sid, targets=ig["target"][first], predicted=ig["predicted"][first], confidence=ig["confidence"][first],
+    db.add_attributions(model_id=m, setting_id=s, sample_ids=sid, targets=ig["target"][first],
+                        predicted=ig["predicted"][first], confidence=ig["confidence"][first],
                         maps=ig["maps"][first], deltas=ig["delta"][first])
     assert count(db.path, "sample_metrics") == 40 and count(db.path, "summary_metrics") == 3
     # A different map: its per-map metric and the summaries of its data set go, the rest stays.
-    db.add_attributions(model_id=m, setting_id=s, sample_ids=sid, targets=ig["target"][first], predicted=ig["predicted"][first], confidence=ig["confidence"][first],
+    db.add_attributions(model_id=m, setting_id=s, sample_ids=sid, targets=ig["target"][first],
+                        predicted=ig["predicted"][first], confidence=ig["confidence"][first],
                         maps=ig["maps"][first] + 1, deltas=ig["delta"][first])
     left = db.sample_metrics("deletion_auc")
     assert len(left["value"]) == 39 and ig["attribution_id"][0] not in left["attribution_id"]

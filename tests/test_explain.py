@@ -213,26 +213,8 @@ def test_ig_internal_batches_do_not_change_the_quadrature(nets, split, light_pre
 
 # ----------------------------------------------------------------------------- Grad-CAM
 
-def hand_gradcam(net, layer, x, t) -> torch.Tensor:
-    """Selvaraju et al.: relu(sum_k mean_hw(d y_t / d A_k) A_k), A the layer's output (N, K, h, w).
-
-    The hook sits on the whole block, so A is the tensor the next layer reads: for LightCNN the
-    result of the block's in-place ReLU (a copy of the BatchNorm output would keep the negative
-    pre-activations, and a hook on the BatchNorm hands over storage the ReLU then overwrites)."""
-    acts = []
-    handle = layer.register_forward_hook(lambda mod, inp, out: acts.append(out))
-    try:
-        out = net(x)
-    finally:
-        handle.remove()
-    (a,) = acts
-    (grad,) = torch.autograd.grad(out.gather(1, t[:, None]).sum(), a)
-    weights = grad.mean((2, 3), keepdim=True)
-    return F.relu((weights * a).sum(1, keepdim=True)).detach()
-
-
 @pytest.mark.parametrize("name, hw", [("lightcnn", 14), ("resnet50", 4)])
-def test_gradcam_matches_hand_computation(nets, split, name, hw):
+def test_gradcam_matches_hand_computation(nets, split, name, hw, hand_gradcam):
     net = nets[name]
     layer = M.gradcam_layer(net, name)
     n = 6 if name == "lightcnn" else 2

@@ -51,17 +51,10 @@ def test_resnet50_inference_copy_equals_the_model_at_224(resnet224, tiles224):
     assert ((y2 - y).norm() / y.norm()).item() < 1e-5
 
 
-def test_gradcam_at_224_is_the_7x7_hand_computation_upsampled(resnet224, tiles224):
+def test_gradcam_at_224_is_the_7x7_hand_computation_upsampled(resnet224, tiles224, hand_gradcam):
     layer = gradcam_layer(resnet224, "resnet50")
     t = torch.tensor([0, 8])
-    acts = []
-    handle = layer.register_forward_hook(lambda m, i, o: acts.append(o))
-    try:
-        out = resnet224(tiles224)
-    finally:
-        handle.remove()
-    (grad,) = torch.autograd.grad(out.gather(1, t[:, None]).sum(), acts[0])
-    hand = F.relu((grad.mean((2, 3), keepdim=True) * acts[0]).sum(1, keepdim=True)).detach()
+    hand = hand_gradcam(resnet224, layer, tiles224, t)
     got = A.gradcam(resnet224, layer, tiles224, t, A.AttributionSettings(), None)
     assert got.raw.shape == (2, 7, 7) and got.maps.shape == (2, 224, 224) and hand.max() > 0
     tol = 1e-5 * hand.max().item()

@@ -326,15 +326,18 @@ def fill(path: Path, maps: dict, metric: dict | None = None, summary=(), shift: 
             d.add_samples(dataset="d", size=8, split="test", indices=[7, 6], labels=[7, 6])
         model, ig = d.add_model(SHA["a"], "a", {}), d.add_setting("ig", {"steps": 4})
         idx = sorted({i for i, _ in maps} | set(labels or {}))
-        ids = dict(zip(idx, d.add_samples(dataset="d", size=8, split="test", indices=idx, labels=[(labels or {}).get(i, i % 9) for i in idx]).tolist()))
+        ids = dict(zip(idx, d.add_samples(dataset="d", size=8, split="test", indices=idx,
+                                          labels=[(labels or {}).get(i, i % 9) for i in idx]).tolist()))
         for (i, t), v in maps.items():
-            d.add_attributions(model_id=model, setting_id=ig, sample_ids=[ids[i]], targets=[t], predicted=[t], confidence=[0.5], maps=np.full((1, *shape), v), dtype="float32")
+            d.add_attributions(model_id=model, setting_id=ig, sample_ids=[ids[i]], targets=[t], predicted=[t],
+                               confidence=[0.5], maps=np.full((1, *shape), v), dtype="float32")
         rows = d.maps()
         key = {(i, t): a for i, t, a in zip(rows["index"].tolist(), rows["target"].tolist(), rows["attribution_id"])}
         for (i, t), v in (metric or {}).items():
             d.add_sample_metrics([key[i, t]], "m", [v])
         for per_setting, dataset, name in summary:
-            d.add_summary_metric(model_id=model, setting_id=ig if per_setting else None, dataset=dataset, size=8, split="test", name=name, value=1.0, n=3, detail={"x": 1})
+            d.add_summary_metric(model_id=model, setting_id=ig if per_setting else None, dataset=dataset,
+                                 size=8, split="test", name=name, value=1.0, n=3, detail={"x": 1})
 
 
 def test_merge_keeps_the_destination_on_conflict_and_carries_metrics(tmp_path):
@@ -368,7 +371,8 @@ def test_add_attributions_without_replace_keeps_what_is_stored(tmp_path):
     fill(tmp_path / "x.db", {(0, 0): 1.0})
     before = raw_rows(tmp_path / "x.db")
     with ExplanationDB(tmp_path / "x.db") as d:
-        n = d.add_attributions(model_id=1, setting_id=1, sample_ids=[1, 1], targets=[0, 5], predicted=[0, 5], confidence=[0.5, 0.5], maps=np.full((2, 4, 4), 7.0), replace=False)
+        n = d.add_attributions(model_id=1, setting_id=1, sample_ids=[1, 1], targets=[0, 5], predicted=[0, 5],
+                               confidence=[0.5, 0.5], maps=np.full((2, 4, 4), 7.0), replace=False)
         rows = d.maps()
     assert n == 1 and raw_rows(tmp_path / "x.db")[0] == before[0]
     assert rows["target"].tolist() == [0, 5] and rows["maps"][:, 0, 0].tolist() == [1.0, 7.0]
