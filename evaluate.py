@@ -11,16 +11,24 @@ Usage:
     python evaluate.py --checkpoint RUN/best.pt --data-dir ../shared/data/pathmnist28_real_test718.npz
     # a score CSV (save_results format with labels, or MedMNIST's headerless format + --dataset)
     python evaluate.py --predictions ../shared/data/reference_resnet_scores_test.csv --out eval/reference
+    # ... and its accuracy under stain, colour, blur and JPEG changes (figures and JSON next to it)
+    python evaluate.py --checkpoint RUN/best.pt --stain-shift
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from data import SIZES, SPLITS, DataError
-from model import CheckpointError
+from figures import plot_perturbation_examples, plot_stain_shift
+from metrics import as_label_vector
+from model import CheckpointError, load_checkpoint
 from report import score_checkpoint, score_file, write_report
-from runtime import AMP_CHOICES, exit_with_one_line, parse_config
+from robustness import print_shift, stain_shift
+from runtime import AMP_CHOICES, exit_with_one_line, parse_config, resolve_device
 from scores import ScoresFileError
 
 
@@ -43,6 +51,14 @@ class EvalConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
     run: str = field(default="", metadata={
         "help": "run name in the MedMNIST score file name; empty = the output folder's name"})
+    tta: bool = field(default=False, metadata={"help": "test-time augmentation: mean probability over the 8 flips and 90-degree rotations"})
+    stain_shift: bool = field(default=False, metadata={"help": "also measure accuracy under stain, colour, blur and JPEG changes at severities 0-5 (robustness.py)"})
+    shift_seed: int = field(default=0, metadata={"min": 0, "help": "--stain-shift: seeds the perturbations"})
+
+    def check(self) -> str | None:
+        if self.predictions and (self.stain_shift or self.tta):
+            return "--stain-shift and --tta need a model: pass --checkpoint, not --predictions"
+        return None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -51,9 +67,32 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.predictions:
         scored = score_file(cfg.predictions, cfg.split, cfg.dataset, cfg.size, cfg.data_dir)
     else:
-        scored = score_checkpoint(cfg.checkpoint, cfg.split, cfg.batch_size, cfg.amp, cfg.device, cfg.data_dir)
+        scored = score_checkpoint(cfg.checkpoint, cfg.split, cfg.batch_size, cfg.amp, cfg.device, cfg.data_dir,
+                                  tta=cfg.tta)
     # Metrics, MedMNIST's score file and the figures, next to the checkpoint unless --out says.
-    return write_report(scored, Path(cfg.out) if cfg.out else scored.default_out, cfg.run, asdict(cfg))
+    out = Path(cfg.out) if cfg.out else scored.default_out
+    metrics = write_report(scored, out, cfg.run, asdict(cfg))
+    # Robustness: the same images under stain and acquisition changes.
+    if cfg.stain_shift:
+        write_stain_shift(cfg, scored, out)
+    return metrics
+
+
+def write_stain_shift(cfg: EvalConfig, scored, out: Path) -> dict:
+    """{split}_stain_shift.json, images/stain_shift.png and images/stain_shift_examples.png."""
+    model, _, _ = load_checkpoint(cfg.checkpoint, resolve_device(cfg.device))
+    result = stain_shift(model, scored.images, as_label_vector(scored.labels), cfg.batch_size, resolve_device(cfg.device),
+                         cfg.amp, cfg.shift_seed, cfg.tta)
+    print_shift(result)
+    path = out / f"{cfg.split}_stain_shift.json"
+    path.write_text(json.dumps({"split": cfg.split, "source": scored.source, "config": asdict(cfg), **result}, indent=2) + "\n")
+    what = f"{scored.name} {cfg.split} split"
+    plot_stain_shift(result, out / "images" / "stain_shift.png", f"accuracy under stain and acquisition changes ({what})")
+    first = [int(np.flatnonzero(as_label_vector(scored.labels) == c)[0]) for c in np.unique(as_label_vector(scored.labels))[:2]]
+    plot_perturbation_examples(scored.images[first], result, out / "images" / "stain_shift_examples.png",
+                               f"what each severity does: two {what} images")
+    print(f"wrote {path} and {out / 'images'}/stain_shift*.png")
+    return result
 
 
 if __name__ == "__main__":

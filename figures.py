@@ -283,3 +283,44 @@ def plot_localisation(named: dict, colours: dict, class_names):
     axes[1].set_title("pointing game: the map's maximum lies inside the evidence mask; random: the mask's "
                       "area fraction", fontsize=9)
     return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# Robustness
+
+def plot_stain_shift(result: dict, path, title: str) -> Path:
+    """Accuracy against severity, one line per perturbation (robustness.stain_shift's result)."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (name, acc) in enumerate(result["accuracy"].items()):
+        ax.plot(range(len(acc)), acc, marker="o", ms=3, color=f"C{i}", label=name, lw=2.2 if name == "hed" else 1.2)
+    ax.axvline(result["centre_level"], color="0.6", ls=":", lw=1)
+    ax.text(result["centre_level"] + 0.05, 0.02, "HED: another centre", fontsize=7, color="0.4",
+            transform=ax.get_xaxis_transform())
+    ax.set(xlabel="severity level (0: the images as they are)", ylabel="accuracy", ylim=(0, 1.02), xticks=range(6))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2, loc="lower left")
+    ax.set_title(f"mean over perturbations and levels 1-5: {result['summary']:.3f} (n={result['n']})", fontsize=9)
+    return save_figure(fig, path, title)
+
+
+def plot_perturbation_examples(images_uint8: torch.Tensor, result: dict, path, title: str) -> Path:
+    """One row per perturbation and tile, one column per severity: what each level does to real tiles."""
+    from stain import perturb
+    names = list(result["accuracy"])
+    rows = [(name, k) for name in names for k in range(len(images_uint8))]
+    fig, axes = plt.subplots(len(rows), 6, figsize=(6 * 1.1, len(rows) * 1.15 + 0.4), squeeze=False,
+                             layout="constrained")
+    for r, (name, k) in enumerate(rows):
+        for level in range(6):
+            img = perturb(images_uint8[k:k + 1], name, level, result["seed"])[0].permute(1, 2, 0).numpy()
+            ax = axes[r, level]
+            ax.imshow(img, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"level {level}", fontsize=7)
+            if level == 0:
+                ax.set_ylabel(name, fontsize=7)
+            elif k == 0:
+                ax.set_xlabel(f"{result['levels'][name][level - 1]:g}", fontsize=6, labelpad=1)
+    return save_figure(fig, path, title)

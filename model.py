@@ -152,22 +152,34 @@ def inference_copy(model: nn.Module) -> nn.Module:
     return net.requires_grad_(False).to(memory_format=torch.channels_last)
 
 
+def dihedral(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 flips and 90-degree rotations of a batch (N, C, H, W), identity first: exact pixel
+    permutations, which change no tissue label."""
+    turns = [torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
+    return turns + [t.flip(-1) for t in turns]
+
+
 @torch.inference_mode()
 def predict(model: nn.Module, images_uint8: torch.Tensor, batch_size: int, device, task: str,
-            amp: str = "off") -> np.ndarray:
+            amp: str = "off", tta: bool = False) -> np.ndarray:
     """Class probabilities (softmax; sigmoid for multi-label) for uint8 (N, C, H, W) images.
 
     Runs an inference_copy of the model (BatchNorm folded, channels_last) under --amp's autocast;
-    probabilities are computed in float32 from the logits either way."""
+    probabilities are computed in float32 from the logits either way. tta: the mean probability over
+    the 8 dihedral transforms of each image (test-time augmentation)."""
     device = torch.device(device)
     net, dtype = inference_copy(model), amp_dtype(amp, device)
     activation = torch.sigmoid if task == MULTI_LABEL else (lambda z: torch.softmax(z, dim=1))
     probs = []
     for start in range(0, len(images_uint8), batch_size):
         x = normalize(images_uint8[start:start + batch_size].to(device, non_blocking=True))
-        with autocast(device, dtype):
-            logits = net(x.contiguous(memory_format=torch.channels_last))
-        probs.append(activation(logits.float()).cpu())
+        views = dihedral(x) if tta else [x]
+        total = 0
+        for view in views:
+            with autocast(device, dtype):
+                logits = net(view.contiguous(memory_format=torch.channels_last))
+            total = total + activation(logits.float())
+        probs.append((total / len(views)).cpu())
     return torch.cat(probs).numpy()
 
 

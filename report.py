@@ -41,17 +41,18 @@ class Scored:
 
 
 def score_checkpoint(checkpoint: str, split: str, batch_size: int, amp: str, device: str,
-                     data_dir: str = "") -> Scored:
+                     data_dir: str = "", tta: bool = False) -> Scored:
     """Rebuild the model from its checkpoint and predict a split of the data it was trained on
     (or of `data_dir`): synthetic data is regenerated from the seed and sizes in the checkpoint."""
     device = resolve_device(device)
     model, train_cfg, _ = load_checkpoint(checkpoint, device)
     data = data_for_run(train_cfg, (split,), data_dir, checkpoint)
     images, labels = data.splits[split].images, data.splits[split].labels.numpy()
-    scores = predict(model, images, batch_size, device, data.task, amp)
+    scores = predict(model, images, batch_size, device, data.task, amp, tta=tta)
     return Scored(data.flag, data.size, data.task, data.class_names, labels, scores, images,
                   f"{checkpoint} on {data.source}", default_out=Path(checkpoint).resolve().parent,
-                  name=data.name, split=split, precision=f"{precision_name(amp_dtype(amp, device))} (--amp {amp})")
+                  name=data.name, split=split,
+                  precision=f"{precision_name(amp_dtype(amp, device))} (--amp {amp})" + (", 8-fold TTA" if tta else ""))
 
 
 def score_file(path: str, split: str, dataset: str, size: int, data_dir: str) -> Scored:

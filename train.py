@@ -53,6 +53,7 @@ class TrainConfig(Recipe):
     monitor: str = field(default="acc", metadata={"help": "validation metric that selects best.pt", "choices": ("acc", "auc")})
     seed: int = field(default=0, metadata={"min": 0, "help": "seeds weights, data order, augmentation and synthetic data"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ... (under torchrun: cuda:LOCAL_RANK)"})
+    tta: bool = field(default=False, metadata={"help": "final test with test-time augmentation (mean over the 8 flips/rotations)"})
     out: str = field(default="", metadata={"help": "run folder (default runs/DATASET-MODEL-SIZE-TIME)"})
     resume: str = field(default="", metadata={"help": "run folder to continue from its last.pt (its config is reused; --epochs may extend it)"})
 
@@ -130,8 +131,8 @@ def main(argv: list[str] | None = None) -> Path:
                 # The one look at the test split: the checkpoint selected on validation.
                 print(f"best checkpoint (val {cfg.monitor} {best:.4f}) on the test split:")
                 checkpoint = str(run_dir / "best.pt")
-                scored = score_checkpoint(checkpoint, "test", cfg.eval_batch_size, cfg.amp, str(device))
-                write_report(scored, run_dir, "", {"checkpoint": checkpoint, "split": "test", "amp": cfg.amp,
+                scored = score_checkpoint(checkpoint, "test", cfg.eval_batch_size, cfg.amp, str(device), tta=cfg.tta)
+                write_report(scored, run_dir, "", {"checkpoint": checkpoint, "split": "test", "amp": cfg.amp, "tta": cfg.tta,
                                                    "batch_size": cfg.eval_batch_size, "device": str(device)})
     return run_dir
 
@@ -191,6 +192,7 @@ def resume_config(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, dict]
         saved = {**ckpt["config"]}
         if isinstance(saved.get("amp"), bool):  # runs from before --amp auto
             saved["amp"] = "on" if saved["amp"] else "off"
+        saved.setdefault("rotate", 10.0)  # runs from before --rotate rotated by up to 10 degrees
         resumed = TrainConfig(**{**saved, **overrides, "resume": cfg.resume, "out": cfg.resume})
         problem = resumed.check()
     except (TypeError, ValueError) as e:

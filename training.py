@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import augment, normalize
+from data import MEAN, STD, augment, normalize
 from metrics import compute_metrics
 from model import predict
 from runtime import AMP_CHOICES, all_reduce_sum
+from stain import colour_jitter, hed_jitter
 
 
 @dataclass
@@ -30,9 +31,20 @@ class Recipe:
     batch_size: int = field(default=128, metadata={"min": 1, "help": "training batch per process; 128 keeps BatchNorm statistics stable and CPUs busy"})
     lr: float = field(default=1e-3, metadata={"above": 0, "help": "Adam learning rate (the seed's)"})
     weight_decay: float = field(default=1e-4, metadata={"min": 0, "help": "Adam L2 penalty; small, the network already has dropout"})
-    augment: bool = field(default=True, metadata={"help": "flips, 90-degree and small rotations on each batch"})
+    augment: bool = field(default=True, metadata={"help": "random flips and transposes on each batch (all 8 exact dihedral transforms)"})
+    rotate: float = field(default=10.0, metadata={"min": 0, "help": "with --augment, also rotate by up to this many degrees (resamples every image: blurs 28 px tissue); 0: exact flips only"})
+    stain_jitter: float = field(default=0.0, metadata={"min": 0, "help": "HED stain augmentation: H and E concentrations scaled by 1 +- U(0, this) per image (stain.hed_jitter); 0: off"})
+    colour_jitter: float = field(default=0.0, metadata={"min": 0, "help": "brightness, contrast and saturation by 1 +- U(0, this) per image; 0: off"})
     amp: str = field(default="auto", metadata={"help": "mixed precision: fp16 on CUDA, bf16 on CPU; auto: where the hardware has it (CUDA, CPUs with AMX/AVX512-BF16)", "choices": AMP_CHOICES})
     eval_batch_size: int = field(default=128, metadata={"min": 1, "help": "batch for validation and test inference (128 stays in a CPU's cache)"})
+
+
+def jittered(images: torch.Tensor, cfg: Recipe, generator: torch.Generator) -> torch.Tensor:
+    """uint8 images -> model input, with the recipe's stain and colour jitter (none: normalize)."""
+    if not (cfg.stain_jitter or cfg.colour_jitter):
+        return normalize(images)
+    x = colour_jitter(hed_jitter(images.float() / 255, cfg.stain_jitter, generator), cfg.colour_jitter, generator)
+    return (x - MEAN) / STD
 
 
 def seed_epoch(seed: int, epoch: int, n: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Generator]:
@@ -66,9 +78,9 @@ def train_one_epoch(model, split, order, optimizer, scaler, autocast, generator,
         if len(idx) < 2:  # a one-image batch would make BatchNorm's batch statistics pure noise
             continue
         idx = idx.to(device)
-        x = normalize(split.images[idx])
+        x = jittered(split.images[idx], cfg, generator)
         if cfg.augment:
-            x = augment(x, generator)
+            x = augment(x, generator, cfg.rotate)
         y = split.labels[idx]
         with autocast:
             logits = model(x.contiguous(memory_format=torch.channels_last))

@@ -304,7 +304,7 @@ def accuracy(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("mode", nargs="?", default="speed", choices=("speed", "accuracy"))
+    p.add_argument("mode", nargs="?", default="speed", choices=("speed", "accuracy", "real"))
     p.add_argument("--quick", action="store_true", help="smoke run: small sizes, one run")
     p.add_argument("--only", default=",".join(SECTIONS),
                    type=lambda v: [k for k in v.split(",") if k], help="speed: the sections to run")
@@ -315,8 +315,14 @@ def main() -> None:
     p.add_argument("--n-ig", type=int, default=64, help="images explained per run and side")
     p.add_argument("--n-store", type=int, default=7180, help="maps written per run and side (the PathMNIST test split)")
     p.add_argument("--epochs", type=int, default=4, help="accuracy: training epochs per recipe")
-    p.add_argument("--seeds", type=int, default=3, help="accuracy: training seeds")
-    p.add_argument("--train", nargs="*", default=[], help="TrainConfig overrides for ours, KEY=VALUE")
+    p.add_argument("--seeds", type=int, default=3, help="accuracy, real: training seeds")
+    p.add_argument("--train", nargs="*", default=[], help="training.Recipe overrides for ours, KEY=VALUE")
+    p.add_argument("--variants", default="", help="real: our recipes to compare, 'NAME=KEY=VALUE,KEY=VALUE ...' "
+                   "(default: ours as shipped, with --train)")
+    p.add_argument("--folds", type=int, default=5, help="real: cross-validation folds")
+    p.add_argument("--real", default=str(BENCH.parents[1] / "shared" / "data" / "pathmnist28_real_test718.npz"),
+                   help="real: the 718 real test-split images")
+    p.add_argument("--no-seed-recipe", action="store_true", help="real: leave out the seed's recipe")
     p.add_argument("--explain", nargs="*", default=[], help="AttributionSettings overrides for ours (explain.py's IG settings), KEY=VALUE")
     p.add_argument("--tmp", default="", help="folder for the temporary data and databases (a real disk)")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
@@ -330,6 +336,15 @@ def main() -> None:
     if args.mode == "speed":
         results = speed(args)
         print_table(results, f"Medians of {args.runs} interleaved runs; machine: {machine()}")
+    elif args.mode == "real":
+        import cv
+        from training import Recipe
+        print(f"machine: {machine()}", flush=True)
+        base = Recipe(**parse_sets(args.train, Recipe))
+        results = cv.run(Path(args.real), cv.parse_variants(args.variants, base), k=args.folds,
+                         seeds=1 if args.quick else args.seeds, epochs=3 if args.quick else 40,
+                         seed_recipe=not args.no_seed_recipe)
+        cv.report(results)
     else:
         results = accuracy(args)
     if args.json:

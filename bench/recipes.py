@@ -105,7 +105,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test", action="store_true", help="also report test accuracy")
-    p.add_argument("--set", nargs="*", default=[], help="TrainConfig overrides for ours, KEY=VALUE")
+    p.add_argument("--set", nargs="*", default=[], help="training.Recipe overrides for ours, KEY=VALUE")
     args = p.parse_args()
     recipe = Seed(args.root, args.seed) if args.side == "seed" else Ours(args.root, args.seed, args.set)
     speeds = []

@@ -1,0 +1,206 @@
+"""The real-data protocol: repeated stratified k-fold cross-validation over the 718 real PathMNIST
+test-split images in ../shared/data, our recipe and the first seed's side by side on the same folds.
+
+    python bench/bench.py real                         # 5 folds x 3 seeds, ours (defaults) vs the seed's
+    python bench/bench.py real --set batch_size=64     # ours with other training.Recipe values
+    python bench/bench.py real --variants "old=rotate=10 flips=rotate=0 flips+hed=rotate=0,stain_jitter=0.3"
+
+Each held-out fold is read once, by the model selected on a validation part carved (stratified, 20%)
+from the other folds; both recipes train LightCNN with the same epoch budget and early-stopping
+rule on that validation part. Printed: mean +- std accuracy and AUC, per-class recall, accuracy
+under the HED stain change calibrated as another centre (stain.CENTRE_LEVEL) and the mean over every
+perturbation and level, the paired difference to the seed's recipe with a 95% t-interval over the
+fold x seed pairs (folds share training images, so the interval is optimistic), a colour-only
+classifier on the same folds, and the time taken. These are cross-validation numbers on 718 images
+from one centre, not the PathMNIST benchmark.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import baseline
+from data import Data, Split, load_data, save_npz
+from metrics import compute_metrics
+from model import build_model, predict
+from runtime import amp_dtype, autocast, set_seed
+from stain import CENTRE_LEVEL, LEVELS, perturb
+from training import Recipe, make_optimizer, seed_epoch, train_one_epoch
+
+T_975 = {14: 2.145, 9: 2.262, 4: 2.776, 2: 4.303}  # Student t quantiles for the intervals used here
+
+
+def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """k disjoint folds covering every index, each holding about 1/k of every class."""
+    rng = np.random.default_rng(seed)
+    folds = [[] for _ in range(k)]
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        start = rng.integers(k)  # rotate which folds get the remainder, so fold sizes stay even
+        for j, i in enumerate(idx):
+            folds[(start + j) % k].append(i)
+    return [np.sort(np.array(f, dtype=np.int64)) for f in folds]
+
+
+def carve_val(idx: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) of `idx`, val a stratified `fraction` of it."""
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels[idx]):
+        mine = rng.permutation(idx[labels[idx] == c])
+        val.extend(mine[: max(1, round(fraction * len(mine)))])
+    val = np.sort(np.array(val, dtype=np.int64))
+    return np.setdiff1d(idx, val), val
+
+
+def fit_ours(data: Data, recipe: Recipe, seed: int, epochs: int, patience: int) -> torch.nn.Module:
+    """training.py's loop as train.py runs it (validation selects the epoch), on CPU."""
+    set_seed(seed)
+    device = torch.device("cpu")
+    net = build_model("lightcnn").to(memory_format=torch.channels_last)
+    optimizer, dtype = make_optimizer(net, recipe), amp_dtype(recipe.amp, device)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=2)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train, val = data.splits["train"], data.splits["val"]
+    best, best_state, stale = -1.0, None, 0
+    for epoch in range(1, epochs + 1):
+        order, g = seed_epoch(seed, epoch, len(train))
+        train_one_epoch(net, train, order, optimizer, scaler, autocast(device, dtype), g, recipe, "cv", progress=False)
+        probs = predict(net, val.images, recipe.eval_batch_size, device, "multi-class", recipe.amp)
+        p = np.clip(probs[np.arange(len(val)), val.labels.numpy()], 1e-12, 1)
+        scheduler.step(float(-np.log(p).mean()))
+        acc = float((probs.argmax(1) == val.labels.numpy()).mean())
+        best, best_state, stale = (acc, copy.deepcopy(net.state_dict()), 0) if acc > best else (best, best_state, stale + 1)
+        if stale >= patience:
+            break
+    net.load_state_dict(best_state)
+    return net.eval()
+
+
+def fit_seed(data: Data, root: Path, seed: int, epochs: int, patience: int) -> torch.nn.Module:
+    """The first seed's recipe (bench/baseline.py: PIL flips and 10-degree rotations with black
+    corners, batch 64, Adam 1e-3) under the same epoch budget and selection rule."""
+    save_npz(root / "pathmnist.npz", data)
+    torch.manual_seed(seed)
+    net = build_model("lightcnn")
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    train, val = baseline.loader(str(root), "train", train=True), data.splits["val"]
+    best, best_state, stale = -1.0, None, 0
+    for _ in range(epochs):
+        baseline.train_epoch(net, train, optimizer)
+        acc = float((predict(net, val.images, 128, "cpu", "multi-class").argmax(1) == val.labels.numpy()).mean())
+        best, best_state, stale = (acc, copy.deepcopy(net.state_dict()), 0) if acc > best else (best, best_state, stale + 1)
+        if stale >= patience:
+            break
+    net.load_state_dict(best_state)
+    return net.eval()
+
+
+def colour_features(images: torch.Tensor, bins: int = 16) -> np.ndarray:
+    """Per image: mean RGB and a `bins`-bin histogram of each channel (colour only, no structure)."""
+    x = images.flatten(2).float() / 255  # (N, 3, P)
+    hist = torch.stack([torch.stack([torch.histc(ch, bins, 0, 1) for ch in img]) for img in x]) / x.shape[-1]
+    return torch.cat([x.mean(2), hist.flatten(1)], 1).numpy()
+
+
+def colour_baseline(train: Split, test: Split) -> np.ndarray:
+    """Class probabilities of a logistic regression on colour_features (the colour shortcut)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000))
+    clf.fit(colour_features(train.images), train.labels.numpy())
+    return clf.predict_proba(colour_features(test.images))
+
+
+def scores_of(net, test: Split, amp: str) -> dict:
+    """Accuracy, AUC, per-class recall; accuracy under the calibrated HED change and the mean over
+    every perturbation and level (the ImageNet-C-style summary)."""
+    probs = predict(net, test.images, 256, "cpu", "multi-class", amp)
+    m = compute_metrics(test.labels.numpy(), probs, "multi-class", list(map(str, range(9))))
+    shifted = {(name, level): float((predict(net, perturb(test.images, name, level), 256, "cpu", "multi-class", amp)
+                                     .argmax(1) == test.labels.numpy()).mean())
+               for name in LEVELS for level in range(1, 6)}
+    return {"acc": m["acc"], "auc": m["auc"], "recall": [m["per_class"][str(c)]["recall"] for c in range(9)],
+            "hed_centre": shifted["hed", CENTRE_LEVEL], "shift_mean": float(np.mean(list(shifted.values())))}
+
+
+def run(real: Path, variants: dict[str, Recipe], k: int = 5, seeds: int = 3, epochs: int = 40,
+        patience: int = 10, seed_recipe: bool = True) -> dict:
+    """Every variant (and the seed's recipe) on every (seed, fold); returns per-run results."""
+    data = load_data("pathmnist", 28, real, ("test",))
+    images, labels = data.splits["test"].images, data.splits["test"].labels.numpy()
+    results = {name: [] for name in (["seed"] if seed_recipe else []) + list(variants) + ["colour"]}
+    seconds = {name: 0.0 for name in results}
+    with tempfile.TemporaryDirectory() as tmp:
+        for s in range(seeds):
+            for f, test_idx in enumerate(stratified_folds(labels, k, seed=s)):
+                train_idx, val_idx = carve_val(np.setdiff1d(np.arange(len(labels)), test_idx), labels, 0.2, seed=100 + s)
+                part = lambda i: Split(images[i], torch.from_numpy(labels[i]))
+                fold = replace(data, splits={"train": part(train_idx), "val": part(val_idx), "test": part(test_idx)})
+                for name in results:
+                    t0 = time.perf_counter()
+                    if name == "colour":
+                        probs = colour_baseline(fold.splits["train"], fold.splits["test"])
+                        acc = float((probs.argmax(1) == labels[test_idx]).mean())
+                        results[name].append({"acc": acc, "auc": compute_metrics(labels[test_idx], probs, "multi-class",
+                                                                                 list(map(str, range(9))))["auc"]})
+                    else:
+                        net = (fit_seed(fold, Path(tmp), s, epochs, patience) if name == "seed" else
+                               fit_ours(fold, variants[name], s, epochs, patience))
+                        results[name].append(scores_of(net, fold.splits["test"], "off" if name == "seed"
+                                                       else variants[name].amp))
+                    seconds[name] += time.perf_counter() - t0
+                    r = results[name][-1]
+                    print(f"seed {s} fold {f} {name:14s} acc {r['acc']:.3f}" +
+                          (f" hed@centre {r['hed_centre']:.3f} shift-mean {r['shift_mean']:.3f}" if "hed_centre" in r
+                           else ""), flush=True)
+    return {"results": results, "seconds": seconds, "n": len(labels), "k": k, "seeds": seeds}
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of a - b and the half-width of its 95% t-interval over the pairs."""
+    d = np.array(a) - np.array(b)
+    t = T_975.get(len(d) - 1, 2.0)
+    return float(d.mean()), float(t * d.std(ddof=1) / math.sqrt(len(d)))
+
+
+def report(out: dict) -> None:
+    res, ref = out["results"], out["results"].get("seed")
+    print(f"\n{out['k']}-fold x {out['seeds']} seeds on {out['n']} real PathMNIST test-split images "
+          "(cross-validation on one centre, not the PathMNIST benchmark)\n")
+    print("| recipe | acc | AUC | HED at another centre | all shifts (mean) | acc - seed's [95% CI] | minutes |")
+    print("|---|---|---|---|---|---|---:|")
+    for name, runs in res.items():
+        cell = lambda key: (f"{np.mean([r[key] for r in runs]):.3f} ± {np.std([r[key] for r in runs], ddof=1):.3f}"
+                            if key in runs[0] else "–")
+        diff = "–"
+        if ref is not None and name != "seed":
+            m, h = paired([r["acc"] for r in runs], [r["acc"] for r in ref])
+            diff = f"{m:+.3f} [{m - h:+.3f}, {m + h:+.3f}]"
+        print(f"| {name} | {cell('acc')} | {cell('auc')} | {cell('hed_centre')} | {cell('shift_mean')} | {diff} | "
+              f"{out['seconds'][name] / 60:.1f} |")
+    print("\nper-class recall (mean over runs), classes 0-8:")
+    for name, runs in res.items():
+        if "recall" in runs[0]:
+            print(f"  {name:14s} " + " ".join(f"{v:.2f}" for v in np.mean([r["recall"] for r in runs], 0)))
+
+
+def parse_variants(text: str, base: Recipe) -> dict[str, Recipe]:
+    """'name=key=value,key=value name2=...' -> recipes (`ours` alone when empty)."""
+    from recipes import parse_sets
+    if not text.strip():
+        return {"ours": base}
+    out = {}
+    for item in text.split():
+        name, _, sets = item.partition("=")
+        out[name] = replace(base, **parse_sets([s for s in sets.split(",") if s], Recipe))
+    return out
+

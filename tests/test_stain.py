@@ -1,0 +1,160 @@
+"""Stain and acquisition changes (stain.py), training jitter and exact flips (training.py, data.py),
+test-time augmentation, evaluate.py --stain-shift, and the cross-validation folds of bench/cv.py."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data as D
+import evaluate
+import model as M
+import stain as S
+import training
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import cv  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def real(shared_data):
+    return D.load_data("pathmnist", 28, shared_data / "pathmnist28_real_test718.npz", ("test",)).splits["test"]
+
+
+@pytest.fixture(scope="module")
+def tiles():
+    """Synthetic H&E-like tiles (the real ones are used where the shared folder is present)."""
+    return D.load_data("synthetic", 28, splits=("test",), synthetic_sizes=(1, 1, 16)).splits["test"].images
+
+
+@pytest.mark.parametrize("name", sorted(S.LEVELS))
+def test_every_perturbation_at_level_0_is_the_identity_and_keeps_the_format(tiles, name):
+    assert S.perturb(tiles, name, 0) is tiles
+    for level in range(1, 6):
+        out = S.perturb(tiles, name, level, seed=3)
+        assert out.shape == tiles.shape and out.dtype == torch.uint8
+        assert torch.equal(out, S.perturb(tiles, name, level, seed=3))  # deterministic from the seed
+        assert (out != tiles).float().mean() > 0.05  # and it does change the image
+    if name not in ("blur", "jpeg"):  # random directions: another seed, other images
+        assert not torch.equal(S.perturb(tiles, name, 3, seed=3), S.perturb(tiles, name, 3, seed=4))
+
+
+def test_severity_grows_with_the_level(tiles):
+    for name in S.LEVELS:
+        change = [(S.perturb(tiles, name, k).float() - tiles.float()).abs().mean().item() for k in range(6)]
+        assert change[0] == 0 and change[5] > change[1], (name, change)
+
+
+def test_hed_unmixing_round_trips_and_scales_each_stain_exactly():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 6, 6, generator=g) * 0.8 + 0.15
+    torch.testing.assert_close(S.from_hed(S.to_hed(x)), x, rtol=0, atol=1e-5)
+    # Pure haematoxylin / eosin pixels unmix to one stain only.
+    for s in (0, 1):
+        c = torch.zeros(1, 3, 1, 1)
+        c[0, s] = 0.7
+        hed = S.to_hed(S.from_hed(c))[0, :, 0, 0]
+        torch.testing.assert_close(hed, c[0, :, 0, 0], rtol=0, atol=1e-5)
+    # exact=True: each image's H and E are scaled by exactly 1 - s or 1 + s (plus the relative shift),
+    # on images made of stain (positive concentrations, so that no pixel leaves [0, 1]).
+    c = torch.rand(4, 3, 6, 6, generator=g) * torch.tensor([0.6, 0.6, 0.0]).view(1, 3, 1, 1) + 0.2
+    c[:, 2] = 0
+    x = S.from_hed(c)
+    out = S.to_hed(S.hed_jitter(x, 0.3, torch.Generator().manual_seed(1), exact=True))
+    ratio = (out[:, :2] - out[:, :2].mean((2, 3), keepdim=True)) / (c[:, :2] - c[:, :2].mean((2, 3), keepdim=True))
+    scale = ratio.flatten(2).median(2).values
+    np.testing.assert_allclose(np.sort(np.unique(np.round(scale.numpy(), 3))), [0.7, 1.3], atol=2e-3)
+    torch.testing.assert_close(out[:, 2], c[:, 2], rtol=0, atol=1e-5)  # DAB untouched
+
+
+def test_training_jitter_keeps_shape_range_and_is_deterministic(tiles):
+    recipe = training.Recipe(stain_jitter=0.3, colour_jitter=0.1)
+    a = training.jittered(tiles, recipe, torch.Generator().manual_seed(5))
+    b = training.jittered(tiles, recipe, torch.Generator().manual_seed(5))
+    assert a.shape == tiles.shape and a.dtype == torch.float32 and torch.equal(a, b)
+    assert a.min() >= -1 and a.max() <= 1  # model inputs span [-1, 1]
+    assert not torch.equal(a, D.normalize(tiles))
+    plain = training.jittered(tiles, training.Recipe(), torch.Generator().manual_seed(5))
+    assert torch.equal(plain, D.normalize(tiles))  # no jitter: exactly the normalised images
+
+
+def test_exact_flips_are_pixel_permutations(tiles):
+    """augment with rotate=0: each image becomes one of its 8 dihedral transforms, bit for bit."""
+    x = D.normalize(tiles)
+    out = D.augment(x, torch.Generator().manual_seed(0), max_degrees=0)
+    for i in range(len(x)):
+        assert any(torch.equal(out[i], v[0]) for v in M.dihedral(x[i:i + 1])), i
+    seen = {next(k for k, v in enumerate(M.dihedral(x[i:i + 1])) if torch.equal(out[i], v[0])) for i in range(len(x))}
+    assert len(seen) >= 5  # several different transforms drawn
+
+
+class Invariant(torch.nn.Module):
+    """Logits from per-pixel features averaged over the image: invariant to flips and rotations."""
+
+    def __init__(self):
+        super().__init__()
+        self.pixel = torch.nn.Conv2d(3, 9, 1)
+
+    def forward(self, x):
+        return self.pixel(x).mean((2, 3))
+
+
+def test_tta_of_an_invariant_model_is_its_plain_prediction(tiles):
+    torch.manual_seed(0)
+    net = Invariant().eval()
+    plain = M.predict(net, tiles, 8, "cpu", "multi-class")
+    np.testing.assert_allclose(M.predict(net, tiles, 8, "cpu", "multi-class", tta=True), plain, rtol=1e-5, atol=1e-6)
+    # ... and for a model that is not invariant, TTA is the mean over the 8 views, computed by hand.
+    lenet = M.build_model("lightcnn").eval()
+    views = M.dihedral(D.normalize(tiles))
+    with torch.no_grad():
+        by_hand = torch.stack([torch.softmax(lenet(v), 1) for v in views]).mean(0).numpy()
+    np.testing.assert_allclose(M.predict(lenet, tiles, 16, "cpu", "multi-class", tta=True), by_hand, atol=1e-5)
+
+
+def test_stain_shift_summary_is_the_mean_of_its_table(tiles, tmp_path):
+    from robustness import stain_shift
+    torch.manual_seed(0)
+    net = M.build_model("lightcnn").eval()
+    labels = np.arange(len(tiles)) % 9
+    r = stain_shift(net, tiles, labels, 8, "cpu")
+    assert set(r["accuracy"]) == set(S.LEVELS) and all(len(v) == 6 for v in r["accuracy"].values())
+    assert all(v[0] == r["clean"] for v in r["accuracy"].values())
+    assert r["summary"] == pytest.approx(np.mean([v[1:] for v in r["accuracy"].values()]))
+    acc = float((M.predict(net, S.perturb(tiles, "hed", 4), 8, "cpu", "multi-class").argmax(1) == labels).mean())
+    assert r["hed_at_centre"] == acc
+
+
+def test_evaluate_stain_shift_writes_its_table_and_figures(tmp_path, real):
+    torch.manual_seed(0)
+    net = M.build_model("lightcnn")
+    subset = tmp_path / "real60.npz"
+    np.savez(subset, test_images=real.images[:60].permute(0, 2, 3, 1).numpy(), test_labels=real.labels[:60, None].numpy())
+    (tmp_path / "run").mkdir()
+    M.save_checkpoint(tmp_path / "run" / "best.pt",
+                      {"model": net.state_dict(), "arch": {"in_channels": 3, "num_classes": 9},
+                       "config": {"dataset": "pathmnist", "size": 28, "data_dir": str(subset), "model": "lightcnn"}})
+    evaluate.main(["--checkpoint", str(tmp_path / "run" / "best.pt"), "--device", "cpu", "--amp", "off", "--stain-shift"])
+    record = json.loads((tmp_path / "run" / "test_stain_shift.json").read_text())
+    assert record["n"] == 60 and set(record["accuracy"]) == set(S.LEVELS)
+    for name in ("stain_shift.png", "stain_shift_examples.png"):
+        assert (tmp_path / "run" / "images" / name).stat().st_size > 10_000
+
+
+def test_cv_folds_are_stratified_disjoint_and_cover_everything(real):
+    labels = real.labels.numpy()
+    for seed in (0, 1):
+        folds = cv.stratified_folds(labels, 5, seed)
+        joined = np.concatenate(folds)
+        assert len(joined) == len(np.unique(joined)) == len(labels)  # disjoint, every image once
+        counts = np.stack([np.bincount(labels[f], minlength=9) for f in folds])
+        assert (counts.max(0) - counts.min(0) <= 1).all()  # each class spread evenly
+        train, val = cv.carve_val(np.setdiff1d(np.arange(len(labels)), folds[0]), labels, 0.2, seed)
+        assert not set(train) & set(val) and not (set(train) | set(val)) & set(folds[0])
+        share = np.bincount(labels[val], minlength=9) / np.bincount(labels[np.concatenate([train, val])], minlength=9)
+        assert np.abs(share - 0.2).max() < 0.06
+    assert not np.array_equal(cv.stratified_folds(labels, 5, 0)[0], cv.stratified_folds(labels, 5, 1)[0])
