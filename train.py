@@ -192,7 +192,8 @@ def resume_config(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, dict]
         saved = {**ckpt["config"]}
         if isinstance(saved.get("amp"), bool):  # runs from before --amp auto
             saved["amp"] = "on" if saved["amp"] else "off"
-        saved.setdefault("rotate", 10.0)  # runs from before --rotate rotated by up to 10 degrees
+        saved.setdefault("rotate", 10.0)  # runs from before --rotate rotated by up to 10 degrees ...
+        saved.setdefault("stain_jitter", 0.0)  # ... and had no stain jitter
         resumed = TrainConfig(**{**saved, **overrides, "resume": cfg.resume, "out": cfg.resume})
         problem = resumed.check()
     except (TypeError, ValueError) as e:
