@@ -25,7 +25,7 @@ import numpy as np
 from data import SIZES, SPLITS, DataError
 from figures import plot_perturbation_examples, plot_stain_shift
 from metrics import as_label_vector
-from model import CheckpointError, load_checkpoint
+from model import CheckpointError
 from report import score_checkpoint, score_file, write_report
 from robustness import print_shift, stain_shift
 from runtime import AMP_CHOICES, exit_with_one_line, parse_config, resolve_device
@@ -80,8 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def write_stain_shift(cfg: EvalConfig, scored, out: Path) -> dict:
     """{split}_stain_shift.json, images/stain_shift.png and images/stain_shift_examples.png."""
-    model, _, _ = load_checkpoint(cfg.checkpoint, resolve_device(cfg.device))
-    result = stain_shift(model, scored.images, as_label_vector(scored.labels), cfg.batch_size, resolve_device(cfg.device),
+    result = stain_shift(scored.model, scored.images, as_label_vector(scored.labels), cfg.batch_size, resolve_device(cfg.device),
                          cfg.amp, cfg.shift_seed, cfg.tta)
     print_shift(result)
     path = out / f"{cfg.split}_stain_shift.json"

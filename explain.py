@@ -216,34 +216,29 @@ def stored_maps(db, where: Where, setting_id: int, indices, work: Work, split, m
 def measure_trust(db, model, model_name, split, idx, work: Work, settings: dict, where: Where, class_names,
                   cfg: ExplainConfig, device) -> None:
     """Every metric of trust.METRICS per method, stored per map and aggregated; then IG-vs-Grad-CAM
-    agreement and the model-free control. Cheap metrics cover every explained map, read back in
-    chunks of images; expensive ones the maps of the first --trust-n selected images."""
-    summaries = {sid: {} for sid in [0, *settings.values()]}  # setting id (0: model-level) -> name -> Summary
-    chunks = np.array_split(idx, max(1, -(-len(idx) // READ_CHUNK)))
+    agreement and the model-free control. Cheap metrics cover every explained map, read back once
+    per chunk of images; expensive ones the maps of the first --trust-n selected images."""
+    ctx = Context(model, GRADCAM_LAYERS[model_name], cfg, device, class_names)
+    values = {(sid, name): {} for sid in settings.values() for name in METRICS}  # per-map arrays, per chunk
     agree = []
-    for method, sid in settings.items():
-        ctx = Context(model, GRADCAM_LAYERS[model_name], cfg, device, class_names)
-        for metric in METRICS.values():
-            values = {}
-            for chunk in [idx[: cfg.trust_n]] if metric.expensive else chunks:
-                maps = stored_maps(db, where, sid, chunk, work, split, method)
-                found = metric.measure(ctx, maps) if len(maps.index) else None
-                for key, v in (found or {}).items():
-                    if not key.startswith("_") and v.ndim == 1:
-                        db.add_sample_metrics(maps.attribution_id, key, v)
-                    values.setdefault(key, []).append(v)
-                if found:
-                    values.setdefault("_label", []).append(maps.label)
-                    values.setdefault("_target", []).append(maps.target)
-            if values:
-                summaries[sid] |= metric.summarise({k: np.concatenate(v) for k, v in values.items()}, ctx)
-    if "ig" in settings and "gradcam" in settings:
-        for chunk in chunks:
-            ig, cam = (stored_maps(db, where, settings[m], chunk, work, split, m) for m in ("ig", "gradcam"))
-            a = agreement(ig, cam)
-            db.add_sample_metrics(a["ig_id"], "spearman_gradcam", a["rho"])
-            db.add_sample_metrics(a["gradcam_id"], "spearman_ig", a["rho"])
-            agree.append(a)
+    for expensive, parts in ((False, np.array_split(idx, max(1, -(-len(idx) // READ_CHUNK)))),
+                             (True, [idx[: cfg.trust_n]])):
+        for part in parts:
+            maps = {m: stored_maps(db, where, sid, part, work, split, m) for m, sid in settings.items()}
+            for method, sid in settings.items():
+                for name, metric in METRICS.items():
+                    if metric.expensive == expensive:
+                        _measure(db, metric, ctx, maps[method], values[sid, name])
+            if not expensive and "ig" in maps and "gradcam" in maps:
+                a = agreement(maps["ig"], maps["gradcam"])
+                db.add_sample_metrics(a["ig_id"], "spearman_gradcam", a["rho"])
+                db.add_sample_metrics(a["gradcam_id"], "spearman_ig", a["rho"])
+                agree.append(a)
+    summaries = {sid: {} for sid in [0, *settings.values()]}  # setting id (0: model-level) -> name -> Summary
+    for (sid, name), found in values.items():
+        if found:
+            summaries[sid] |= METRICS[name].summarise({k: np.concatenate(v) for k, v in found.items()}, ctx)
+    if agree:
         summaries[0]["agreement_ig_gradcam"] = summarise_agreement(
             np.concatenate([a["rho"] for a in agree]), np.concatenate([a["target"] for a in agree]),
             class_names, settings)
@@ -254,6 +249,18 @@ def measure_trust(db, model, model_name, split, idx, work: Work, settings: dict,
             db.add_summary_metric(model_id=where.model_id, setting_id=sid or None, dataset=where.dataset,
                                   size=where.size, split=where.split, name=name, value=s.value, n=s.n,
                                   detail=s.detail)
+
+
+def _measure(db, metric, ctx: Context, maps: Maps, values: dict) -> None:
+    """One metric on one read of stored maps: its per-map values stored, all of them kept in `values`."""
+    found = metric.measure(ctx, maps) if len(maps.index) else None
+    for key, v in (found or {}).items():
+        if not key.startswith("_") and v.ndim == 1:
+            db.add_sample_metrics(maps.attribution_id, key, v)
+        values.setdefault(key, []).append(v)
+    if found:
+        values.setdefault("_label", []).append(maps.label)
+        values.setdefault("_target", []).append(maps.target)
 
 
 def print_trust(rows: list[dict]) -> None:

@@ -38,6 +38,7 @@ class Scored:
     name: str  # what figures call the data: the flag, or the file it came from
     split: str = "test"
     precision: str = ""  # the model's inference precision; empty for a score file
+    model: torch.nn.Module | None = None  # the model that scored them; None for a score file
 
 
 def score_checkpoint(checkpoint: str, split: str, batch_size: int, amp: str, device: str,
@@ -52,7 +53,8 @@ def score_checkpoint(checkpoint: str, split: str, batch_size: int, amp: str, dev
     return Scored(data.flag, data.size, data.task, data.class_names, labels, scores, images,
                   f"{checkpoint} on {data.source}", default_out=Path(checkpoint).resolve().parent,
                   name=data.name, split=split,
-                  precision=f"{precision_name(amp_dtype(amp, device))} (--amp {amp})" + (", 8-fold TTA" if tta else ""))
+                  precision=f"{precision_name(amp_dtype(amp, device))} (--amp {amp})" + (", 8-fold TTA" if tta else ""),
+                  model=model)
 
 
 def score_file(path: str, split: str, dataset: str, size: int, data_dir: str) -> Scored:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import baseline
 from data import Data, Split, load_data, save_npz
@@ -32,7 +33,7 @@ from metrics import compute_metrics
 from model import build_model, predict
 from runtime import amp_dtype, autocast, set_seed
 from stain import CENTRE_LEVEL, LEVELS, perturb
-from training import Recipe, make_optimizer, seed_epoch, train_one_epoch
+from training import Recipe, make_optimizer, seed_epoch, train_one_epoch, validate
 
 T_975 = {14: 2.145, 9: 2.262, 4: 2.776, 2: 4.303}  # Student t quantiles for the intervals used here
 
@@ -73,11 +74,10 @@ def fit_ours(data: Data, recipe: Recipe, seed: int, epochs: int, patience: int) 
     for epoch in range(1, epochs + 1):
         order, g = seed_epoch(seed, epoch, len(train))
         train_one_epoch(net, train, order, optimizer, scaler, autocast(device, dtype), g, recipe, "cv", progress=False)
-        probs = predict(net, val.images, recipe.eval_batch_size, device, "multi-class", recipe.amp)
-        p = np.clip(probs[np.arange(len(val)), val.labels.numpy()], 1e-12, 1)
-        scheduler.step(float(-np.log(p).mean()))
-        acc = float((probs.argmax(1) == val.labels.numpy()).mean())
-        best, best_state, stale = (acc, copy.deepcopy(net.state_dict()), 0) if acc > best else (best, best_state, stale + 1)
+        va = validate(net, val, data, recipe, device)
+        scheduler.step(va["loss"])
+        best, best_state, stale = ((va["acc"], copy.deepcopy(net.state_dict()), 0) if va["acc"] > best
+                                   else (best, best_state, stale + 1))
         if stale >= patience:
             break
     net.load_state_dict(best_state)
@@ -105,9 +105,9 @@ def fit_seed(data: Data, root: Path, seed: int, epochs: int, patience: int) -> t
 
 def colour_features(images: torch.Tensor, bins: int = 16) -> np.ndarray:
     """Per image: mean RGB and a `bins`-bin histogram of each channel (colour only, no structure)."""
-    x = images.flatten(2).float() / 255  # (N, 3, P)
-    hist = torch.stack([torch.stack([torch.histc(ch, bins, 0, 1) for ch in img]) for img in x]) / x.shape[-1]
-    return torch.cat([x.mean(2), hist.flatten(1)], 1).numpy()
+    x = images.flatten(2).long()  # (N, 3, P) uint8 values
+    hist = F.one_hot(x * bins // 256, bins).float().mean(2)  # (N, 3, bins), each row sums to 1
+    return torch.cat([x.float().mean(2) / 255, hist.flatten(1)], 1).numpy()
 
 
 def colour_baseline(train: Split, test: Split) -> np.ndarray:
