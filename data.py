@@ -42,6 +42,12 @@ PATHMNIST_CLASSES = ["adipose", "background", "debris", "lymphocytes", "mucus", 
                      "colorectal adenocarcinoma epithelium"]
 
 
+# Label tasks derived from a flag's own labels (train.py --task), so every data path works unchanged.
+TASKS = ("classes", "tumor")
+TUMOR_CLASS = 8  # PathMNIST's colorectal adenocarcinoma epithelium (TUM)
+TUMOR_NAMES = ["non-cancer", "cancer"]
+
+
 class DataError(Exception):
     """A data file is missing or malformed; the message names the file and the remedy."""
 
@@ -154,12 +160,34 @@ def download(flag: str, size: int, data_dir: str | os.PathLike) -> Path:
 
 def load_data(dataset: str = "pathmnist", size: int = 28, data_dir: str | os.PathLike = "data",
               splits: tuple[str, ...] = SPLITS, seed: int = 0, download_missing: bool = True,
-              synthetic_sizes: tuple[int, int, int] = (10000, 2000, 2000)) -> Data:
-    """Load the requested splits of a MedMNIST flag or of the synthetic data set.
+              synthetic_sizes: tuple[int, int, int] = (10000, 2000, 2000), task: str = "classes") -> Data:
+    """Load the requested splits of a MedMNIST flag or of the synthetic data set, labelled for
+    `task` (TASKS; as_task).
 
     `data_dir` is a folder (files named as MedMNIST names them) or one .npz file in the same layout,
     such as a subset holding only `test_images`/`test_labels`.
     """
+    return as_task(_load(dataset, size, data_dir, splits, seed, download_missing, synthetic_sizes), task)
+
+
+def as_task(data: Data, task: str) -> Data:
+    """`data` labelled for `task`: "classes", its own labels; "tumor", the second seed's cancer vs
+    non-cancer question: 1 for colorectal adenocarcinoma epithelium (class 8), 0 for the other
+    eight classes. Cancer-associated stroma (class 7) counts as non-cancer: it is the tumour's
+    connective tissue, not tumour cells, and NCT-CRC-HE labels it apart from TUM. A binary MedMNIST
+    task with two softmax outputs; its name and database key get a "-tumor" suffix."""
+    if task == "classes":
+        return data
+    if task != "tumor":
+        raise DataError(f"unknown task {task!r}; choose one of {TASKS}")
+    if data.flag not in ("pathmnist", "synthetic"):
+        raise DataError(f"--task tumor is defined for pathmnist (and synthetic data), not {data.flag}")
+    splits = {k: Split(v.images, (v.labels == TUMOR_CLASS).long(), v.masks) for k, v in data.splits.items()}
+    return Data(data.flag, data.size, BINARY, list(TUMOR_NAMES), data.n_channels, data.source, splits,
+                f"{data.name}-tumor")
+
+
+def _load(dataset, size, data_dir, splits, seed, download_missing, synthetic_sizes) -> Data:
     if size not in SIZES:
         raise DataError(f"size {size} is not offered; choose one of {SIZES}")
     for s in splits:
@@ -210,7 +238,7 @@ def data_for_run(cfg: dict, splits: tuple[str, ...], data_dir: str = "", checkpo
                         "synthetic split, or pass a checkpoint trained on PathMNIST images")
     sizes = parse_split_sizes(cfg.get("synthetic_sizes", "10000,2000,2000")) or (10000, 2000, 2000)
     return load_data(cfg["dataset"], cfg["size"], data_dir or cfg["data_dir"], splits,
-                     seed=cfg.get("seed", 0), synthetic_sizes=sizes)
+                     seed=cfg.get("seed", 0), synthetic_sizes=sizes, task=cfg.get("task", "classes"))
 
 
 def _read_npz(path: Path, splits) -> dict[str, np.ndarray]:
@@ -286,6 +314,7 @@ def save_npz(path: str | os.PathLike, data: Data) -> None:
         arrays[f"{s}_labels"] = sp.labels.reshape(len(sp), -1).numpy().astype(np.uint8)
         if sp.masks is not None:
             arrays[f"{s}_masks"] = sp.masks.numpy()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **arrays)
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 APPLICATION_ID = 0x58504C4E  # "XPLN" in the file header: tells our files from other SQLite files
 
 _NOW = "(strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
@@ -81,7 +81,18 @@ MIGRATIONS = [
             AND (dataset, size, split) = (SELECT dataset, size, split FROM samples WHERE id = NEW.sample_id);
     END;
     """,
+    # 3: image files (explain.py --images). A file is the sample (dataset "sha256:<hex>", split
+    # "file", index 0) of its content hash, so a renamed or copied file is the same sample; this
+    # table keeps where it was last read and its size there. Label -1: unknown.
+    f"""
+    CREATE TABLE files(
+        sample_id INTEGER PRIMARY KEY REFERENCES samples(id), sha256 TEXT NOT NULL, path TEXT NOT NULL,
+        width INTEGER NOT NULL, height INTEGER NOT NULL, seen_at TEXT DEFAULT {_NOW});
+    CREATE INDEX files_sha256 ON files(sha256);
+    """,
 ]
+FILE_SPLIT = "file"  # samples of image files: dataset "sha256:<hex>", this split, index 0
+UNKNOWN_LABEL = -1
 
 # Little-endian on disk, so a file copied between machines decodes the same.
 _DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
@@ -89,8 +100,9 @@ _DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 _FILTERS = {"model_id": "a.model_id = ?", "setting_id": "a.setting_id = ?", "method": "s.method = ?",
             "dataset": "x.dataset = ?", "size": "x.size = ?", "split": "x.split = ?",
             "label": "x.label = ?", "predicted": "a.predicted = ?", "target": "a.target = ?",
-            "indices": "x.idx IN (SELECT value FROM json_each(?))"}
-_COLUMNS = {"attribution_id": "a.id", "model_id": "a.model_id", "setting_id": "a.setting_id",
+            "indices": "x.idx IN (SELECT value FROM json_each(?))",
+            "sample_ids": "a.sample_id IN (SELECT value FROM json_each(?))"}
+_COLUMNS = {"attribution_id": "a.id", "sample_id": "a.sample_id", "model_id": "a.model_id", "setting_id": "a.setting_id",
             "method": "s.method", "dataset": "x.dataset", "size": "x.size", "split": "x.split",
             "index": "x.idx", "label": "x.label", "target": "a.target", "predicted": "a.predicted",
             "confidence": "a.confidence", "delta": "a.delta"}
@@ -111,7 +123,7 @@ _SUMMARY_METRICS = """SELECT v.model_id, m.name, substr(m.checkpoint_sha256, 1, 
         s.method, s.params_json, v.dataset, v.size, v.split, v.name, v.value, v.n, v.detail_json, v.created_at
     FROM summary_metrics v JOIN models m ON m.id = v.model_id LEFT JOIN settings s ON s.id = v.setting_id"""
 _SUMMARY = """SELECT m.name, substr(m.checkpoint_sha256, 1, 12), s.method, s.params_json, x.dataset,
-        x.size, x.split, count(*), sum(a.predicted != x.label), avg(abs(a.delta))
+        x.size, x.split, count(*), sum(x.label >= 0 AND a.predicted != x.label), avg(abs(a.delta))
     FROM attributions a JOIN models m ON m.id = a.model_id JOIN settings s ON s.id = a.setting_id
         JOIN samples x ON x.id = a.sample_id
     GROUP BY a.model_id, a.setting_id, x.dataset, x.size, x.split
@@ -128,6 +140,10 @@ _MERGE_PARENTS = {  # WHERE true: without it SQLite would read ON CONFLICT as a 
         SELECT method, params_json FROM src.settings WHERE true ON CONFLICT DO NOTHING""",
     "samples": """INSERT INTO main.samples(dataset, size, split, idx, label)
         SELECT dataset, size, split, idx, label FROM src.samples WHERE true ON CONFLICT DO NOTHING"""}
+_MERGE_FILES = """INSERT INTO main.files(sample_id, sha256, path, width, height, seen_at)
+    SELECT dx.id, f.sha256, f.path, f.width, f.height, f.seen_at FROM src.files f JOIN src.samples sx ON sx.id = f.sample_id
+    JOIN main.samples dx ON dx.dataset = sx.dataset AND dx.size = sx.size AND dx.split = sx.split AND dx.idx = sx.idx
+    WHERE true ON CONFLICT DO NOTHING"""
 # Per source map: this file's ids, the row already stored under its key (dest_id) and whether that
 # row holds the same map (same: 1) or another one (a conflict: this file's row is kept).
 _MERGE_KEYS = """CREATE TEMP TABLE merge_keys AS
@@ -295,6 +311,43 @@ class ExplanationDB:
                                      "key: give it another dataset key, or use another --db")
         return np.array([stored[i][0] for i in indices.tolist()], dtype=np.int64)
 
+    def add_files(self, *, size: int, sha256s, paths, widths, heights, labels) -> np.ndarray:
+        """Register image files as samples keyed by content hash (see FILE_SPLIT); return their ids.
+
+        A file seen before keeps its sample and gets its latest path and size recorded; a label
+        (UNKNOWN_LABEL: -1) fills in an unknown one, and a different known label is a StoreError."""
+        shas = [str(h).lower() for h in sha256s]
+        labels = _ints("labels", labels, len(shas))
+        sizes = _ints("widths", widths, len(shas)), _ints("heights", heights, len(shas))
+        if len(paths) != len(shas) or any(not re.fullmatch(r"[0-9a-f]{64}", h) for h in shas):
+            raise ValueError("add_files: give one path and one 64-digit hex SHA-256 per file")
+        ids = []
+        with self._transaction() as conn:
+            for sha, path, w, h, y in zip(shas, map(str, paths), *map(np.ndarray.tolist, sizes), labels.tolist()):
+                key = (f"sha256:{sha}", int(size), FILE_SPLIT, 0)
+                conn.execute("INSERT INTO samples(dataset, size, split, idx, label) VALUES (?, ?, ?, ?, ?) "
+                             "ON CONFLICT DO NOTHING", (*key, y))
+                sid, stored = conn.execute("SELECT id, label FROM samples WHERE dataset = ? AND size = ? "
+                                           "AND split = ? AND idx = ?", key).fetchone()
+                if stored == UNKNOWN_LABEL and y != UNKNOWN_LABEL:
+                    conn.execute("UPDATE samples SET label = ? WHERE id = ?", (y, sid))
+                elif y not in (UNKNOWN_LABEL, stored):
+                    raise StoreError(f"{self.path}: {path} (sha256 {sha[:12]}) has label {y} but the database "
+                                     f"stores {stored} for this image; rename the file so its label matches, "
+                                     "or use another --db")
+                conn.execute("INSERT INTO files(sample_id, sha256, path, width, height) VALUES (?, ?, ?, ?, ?) "
+                             "ON CONFLICT DO UPDATE SET path = excluded.path, width = excluded.width, "
+                             f"height = excluded.height, seen_at = {_NOW}", (sid, sha, path, w, h))
+                ids.append(sid)
+        return np.array(ids, dtype=np.int64)
+
+    def files(self, sample_ids) -> dict[int, dict]:
+        """sample id -> {sha256, path, width, height} of registered image files."""
+        rows = self._conn.execute("SELECT sample_id, sha256, path, width, height FROM files "
+                                  "WHERE sample_id IN (SELECT value FROM json_each(?))",
+                                  (json.dumps(_ints("sample_ids", sample_ids).tolist()),))
+        return {r[0]: dict(zip(("sha256", "path", "width", "height"), r[1:])) for r in rows}
+
     def done_targets(self, model_id: int, setting_id: int, sample_ids) -> set[tuple[int, int]]:
         """(sample_id, target) pairs already stored for this model and setting: skip them on resume."""
         rows = self._conn.execute(
@@ -340,10 +393,11 @@ class ExplanationDB:
     def maps(self, *, model_id: int | None = None, method: str | None = None, setting_id: int | None = None,
              dataset: str | None = None, size: int | None = None, split: str | None = None, indices=None,
              label: int | None = None, predicted: int | None = None, target: int | None = None,
-             errors_only: bool = False, limit: int | None = None) -> dict[str, np.ndarray]:
+             sample_ids=None, errors_only: bool = False, limit: int | None = None) -> dict[str, np.ndarray]:
         """Selected maps stacked as float32 (N, *shape) plus one array per column; None means any."""
         filters = dict(model_id=model_id, method=method, setting_id=setting_id, dataset=dataset, size=size,
-                       split=split, indices=indices, label=label, predicted=predicted, target=target)
+                       split=split, indices=indices, label=label, predicted=predicted, target=target,
+                       sample_ids=sample_ids)
         return self._select(filters, errors_only, _ORDER, limit)
 
     def top_errors(self, k: int = 10, **filters) -> dict[str, np.ndarray]:
@@ -590,6 +644,7 @@ def _merge(conn: sqlite3.Connection, source: str, dest: str, version: int) -> di
                             f"but {ours} in {dest}: the files explain different data under one dataset name; "
                             "nothing was merged")
     counts = {table: conn.execute(sql).rowcount for table, sql in _MERGE_PARENTS.items()}
+    counts["files"] = conn.execute(_MERGE_FILES).rowcount if version >= 3 else 0
     conn.execute(_MERGE_KEYS)
     conn.execute("CREATE INDEX temp.merge_keys_src ON merge_keys(src_id)")
     counts["maps_present"], counts["map_conflicts"] = conn.execute(
@@ -647,14 +702,14 @@ def _plain(obj):
 
 def _where(filters: dict, errors_only: bool) -> tuple[str, list]:
     """WHERE clause and parameters for maps() filters; a None value means 'any'."""
-    clauses, params = ["a.predicted != x.label"] if errors_only else [], []
+    clauses, params = ["x.label >= 0 AND a.predicted != x.label"] if errors_only else [], []  # -1: unknown
     for name, value in filters.items():
         if name not in _FILTERS:
             raise TypeError(f"unknown filter {name!r}; expected one of {sorted(_FILTERS)}")
         if value is not None:
             clauses.append(_FILTERS[name])
-            if name == "indices":
-                value = json.dumps(_ints("indices", value).tolist())
+            if name in ("indices", "sample_ids"):
+                value = json.dumps(_ints(name, value).tolist())
             params.append(value.item() if isinstance(value, np.generic) else value)
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 

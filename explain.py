@@ -25,20 +25,24 @@ images/sanity_check.png, deletion_insertion.png and localisation.png are drawn.
 """
 from __future__ import annotations
 
+import csv
 import re
-from dataclasses import asdict, dataclass, field
+import sys
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from attribution import METHODS, AttributionSettings, as_stored, map_seeds
-from data import DataError, data_for_run, file_digest, normalize
-from db import DatabaseError, ExplanationDB, check_sources
-from figures import plot_examples, plot_trust
+from data import BINARY, TUMOR_CLASS, DataError, data_for_run, file_digest, normalize
+from db import FILE_SPLIT, UNKNOWN_LABEL, DatabaseError, ExplanationDB, StoreError, check_sources
+from figures import plot_examples, plot_tiles, plot_trust
 from model import GRADCAM_LAYERS, CheckpointError, gradcam_layer, inference_copy, load_checkpoint, predict
-from runtime import exit_with_one_line, parse_config, resolve_device
+from runtime import distributed, exit_with_one_line, parse_config
+from tiles import TileError, find_images, label_from_name, read_tile
 from trust import (METRICS, Context, Maps, TrustSettings, agreement, edge_control_sanity, summarise_agreement)
 
 READ_CHUNK = 1024  # images per read of stored maps: bounds memory for large selections at 224x224
@@ -55,11 +59,15 @@ class ExplainConfig(AttributionSettings, TrustSettings):
     indices: str = field(default="", metadata={"help": "comma-separated image indices (default: all)"})
     classes: str = field(default="", metadata={"help": "only images whose TRUE class is in this comma-separated list"})
     only_errors: bool = field(default=False, metadata={"help": "only misclassified images"})
-    targets: str = field(default="predicted", metadata={"help": "class to explain", "choices": ("predicted", "true", "both")})
+    targets: str = field(default="auto", metadata={"help": "class to explain; auto: the predicted one, and for a binary task (--task tumor) the positive class (cancer), whatever was predicted", "choices": ("auto", "predicted", "true", "both")})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
     figures: bool = field(default=True, metadata={"help": "draw images/ig_examples.png, gradcam_examples.png (and the --trust figures)"})
     trust: bool = field(default=False, metadata={"help": "then test the maps: completeness, sanity, deletion/insertion, localisation, agreement"})
     shard: str = field(default="", metadata={"help": "K/N: explain only the K-th of N slices of the selected images (1-based); no figures or --trust"})
+    images: list[str] = field(default_factory=list, metadata={"nargs": "+", "help": "explain these image files, or every PNG/JPEG/TIFF under these folders, instead of a split: any size, RGB, RGBA or grayscale, resized to the model's input as MedMNIST made its images (PIL's antialiased bilinear, matched on a real tile: tiles.py), stored keyed by each file's SHA-256"})
+    labels_from_names: bool = field(default=False, metadata={"help": "with --images: a file's true class is the PathMNIST code in its name (ADI, BACK, DEB, LYM, MUC, MUS, NORM, STR, TUM: TUM-TCGA-AAHIDTWA.jpg is 8)"})
+    files_out: str = field(default="", metadata={"help": "with --images: folder for predictions.csv and one figure per file (default: files/ next to the checkpoint)"})
+    figure_grid: str = field(default="", metadata={"help": "with --images: draw one grid of every file into this PNG instead of one figure per file"})
     merge_from: str = field(default="", metadata={"help": "comma-separated databases (e.g. shard files) to copy into --db, then stop; nothing is explained"})
 
     def check(self) -> str | None:
@@ -70,6 +78,8 @@ class ExplainConfig(AttributionSettings, TrustSettings):
             return f"--shard must be K/N with 1 <= K <= N, got {self.shard!r}"
         if self.merge_from and (self.shard or not self.merge_list):
             return "--merge-from takes comma-separated database paths and no --shard"
+        if self.images and (self.trust or self.shard or self.indices or self.classes or self.only_errors or self.n):
+            return "--images explains every file given; --trust, --shard, --indices, --classes, --only-errors and --n are for splits"
         return TrustSettings.check(self)
 
     @property
@@ -149,7 +159,8 @@ def shard_slice(idx: np.ndarray, k: int, n: int) -> np.ndarray:
 
 def work_list(idx, labels, pred, conf, sample_ids, where: Where, targets: str) -> Work:
     """One entry per (image, explained class): predicted, true or both (without duplicates)."""
-    chosen = {"predicted": [pred[idx]], "true": [labels[idx]], "both": [pred[idx], labels[idx]]}[targets]
+    chosen = {"predicted": [pred[idx]], "true": [labels[idx]], "both": [pred[idx], labels[idx]],
+              "positive": [np.ones_like(pred[idx])]}[targets]
     pairs = np.unique(np.stack([np.concatenate([idx] * len(chosen)), np.concatenate(chosen)]), axis=1)
     index, target = pairs[0], pairs[1]
     sid = dict(zip(idx.tolist(), np.asarray(sample_ids).tolist()))
@@ -336,10 +347,27 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(ExplainConfig, argv, description=__doc__.split("\n")[0])
     if cfg.merge_from:
         return merge(cfg)
-    device = resolve_device(cfg.device)
+    with distributed(cfg.device) as (device, rank, world):
+        if world == 1 or cfg.shard:
+            return run(cfg, device)
+        # torchrun: each process explains its slice into the one database; then rank 0 makes the
+        # figures and --trust over the whole selection, finding every map already stored.
+        result = run(replace(cfg, shard=f"{rank + 1}/{world}", figures=False, trust=False), device, rank, world)
+        torch.distributed.barrier()
+        return run(cfg, device) if rank == 0 and (cfg.figures or cfg.trust or cfg.images) else result
 
+
+def target_rule(targets: str, task: str) -> str:
+    """--targets auto: the positive class of a binary task (the cancer logit), else the predicted one."""
+    return ("positive" if task == BINARY else "predicted") if targets == "auto" else targets
+
+
+def run(cfg: ExplainConfig, device, rank: int = 0, world: int = 1) -> dict:
+    """Explain the selection (or this shard's slice, or --images), store it, draw and measure."""
     # The model and its data, both described by the checkpoint alone (or --data-dir's file).
-    model, mcfg, _ = load_checkpoint(cfg.checkpoint, device)
+    model, mcfg, ckpt = load_checkpoint(cfg.checkpoint, device)
+    if cfg.images:
+        return explain_images(cfg, model, mcfg, ckpt.get("arch", {}), device, rank, world)
     data = data_for_run(mcfg, (cfg.split,), cfg.data_dir, cfg.checkpoint)
     if data.task.startswith("multi-label"):
         raise DataError(f"{data.source}: explaining multi-label tasks is not supported (there is no one class "
@@ -366,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
                       data.size, cfg.split)
         sample_ids = db.add_samples(dataset=where.dataset, size=where.size, split=where.split, indices=idx,
                                     labels=labels[idx])
-        work = work_list(idx, labels, pred, conf, sample_ids, where, cfg.targets)
+        work = work_list(idx, labels, pred, conf, sample_ids, where, target_rule(cfg.targets, data.task))
         fast = inference_copy(model)  # BatchNorm folded, channels_last: IG 1.5x faster on CPU
         layer = gradcam_layer(fast, mcfg["model"])
         settings = {}
@@ -400,5 +428,148 @@ def main(argv: list[str] | None = None) -> dict:
     return {"config": asdict(cfg), "summary": summary, "trust": trust}
 
 
+# ------------------------------------------------------------------------------------------------
+# --images: a pathologist's own files
+
+def explain_images(cfg: ExplainConfig, model, mcfg: dict, arch: dict, device, rank: int = 0, world: int = 1) -> dict:
+    """Predict and explain every image file, --batch-size files at a time: each is stored as the
+    sample of its SHA-256 (a rerun adds nothing), printed, written to predictions.csv and drawn at
+    its own resolution. A file that cannot be read is one line on stderr and the others go on;
+    the result's "problems" lists them (the command then exits 1)."""
+    names, task = arch.get("class_names") or [str(c) for c in range(arch.get("num_classes", 9))], arch.get("task", "")
+    if task.startswith("multi-label"):
+        raise DataError(f"{cfg.checkpoint}: explaining multi-label tasks is not supported (there is no one class "
+                        "to explain); evaluate it with evaluate.py")
+    files, problems = find_images(cfg.images)
+    files = np.array_split(np.array(files, dtype=object), world)[rank].tolist() if world > 1 else files
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    out = Path(cfg.files_out or Path(cfg.checkpoint).parent / "files")
+    size, rule = mcfg["size"], target_rule(cfg.targets, task)
+    print(f"explaining {len(files)} image file(s) with {mcfg['model']} ({cfg.checkpoint}), each resized to "
+          f"{size}x{size} as MedMNIST made its images")
+    csv_rows, grid, first = [], [], {}  # first: sha256 -> the path it was first read from in this run
+    written = dict.fromkeys(cfg.method_list, 0)
+    with ExplanationDB(cfg.db) as db:
+        model_id = db.add_model(file_digest(cfg.checkpoint, "sha256"), mcfg["model"], mcfg)
+        fast = inference_copy(model)
+        layer = gradcam_layer(fast, mcfg["model"])
+        settings = {m: db.add_setting(m, METHODS[m].params(cfg, GRADCAM_LAYERS[mcfg["model"]])) for m in cfg.method_list}
+        for start in range(0, len(files), cfg.batch_size):
+            tiles, sample_ids = [], []
+            for path in files[start:start + cfg.batch_size]:
+                try:
+                    tile = read_tile(path, size, arch.get("in_channels", 3))
+                    label = file_label(path, task) if cfg.labels_from_names else UNKNOWN_LABEL
+                    sample_ids.append(db.add_files(size=size, sha256s=[tile.sha256], paths=[str(path)],
+                                                   widths=[tile.width], heights=[tile.height], labels=[label])[0])
+                except (TileError, StoreError) as e:
+                    problems.append(str(e))
+                    print(f"error: {e}", file=sys.stderr)
+                    continue
+                tile.label = label
+                tiles.append(tile)
+            if not tiles:
+                continue
+            scores = predict(model, torch.stack([t.small for t in tiles]), 128, device, task)
+            pred, conf = scores.argmax(1), scores.max(1)
+            new = [i for i, t in enumerate(tiles) if first.setdefault(t.sha256, t.path) == t.path]
+            work = file_work(tiles, new, np.array(sample_ids), pred, conf, rule)
+            x = torch.stack([t.small for t in tiles])
+            stored = {}
+            for method, sid in settings.items():
+                written[method] += explain(db, fast, layer, x, work, method, cfg, device, sid,
+                                           Where(model_id, "files", size, FILE_SPLIT))
+                rows = db.maps(model_id=model_id, setting_id=sid, sample_ids=np.array(sample_ids)[new].tolist())
+                for r in range(len(rows["sample_id"])):
+                    stored.setdefault((method, int(rows["sample_id"][r])), (
+                        rows["raw"][r] if rows["raw"] is not None else rows["maps"][r], int(rows["target"][r])))
+            for i, t in enumerate(tiles):
+                row = {"path": str(t.path), "sha256": t.sha256, "width": t.width, "height": t.height,
+                       "predicted": names[pred[i]], "confidence": round(float(conf[i]), 6),
+                       "label": names[t.label] if t.label >= 0 else "",
+                       **{f"score_{n}": round(float(v), 6) for n, v in zip(names, scores[i])}}
+                csv_rows.append(row)
+                same = "" if first[t.sha256] == t.path else f" (the same image as {first[t.sha256]})"
+                verdict = "" if t.label < 0 else f"; labelled {names[t.label]}: {'right' if t.label == pred[i] else 'WRONG'}"
+                print(f"{t.path}: {names[pred[i]]} ({conf[i]:.3f}){verdict}{same}")
+                maps = {m: stored[m, sample_ids[i]] for m in settings if (m, sample_ids[i]) in stored}
+                if cfg.figures and not same:
+                    drawn = tile_row(t, maps, names, pred[i], conf[i])
+                    if cfg.figure_grid:
+                        grid.append(drawn)
+                    else:
+                        plot_tiles([drawn], out / "figures" / f"{t.path.stem}-{t.sha256[:8]}.png",
+                                   f"{mcfg['model']}: the file at {t.width}x{t.height}; the model saw it at {size}x{size}")
+        summary = db.summary()
+    for method, n in written.items():
+        print(f"{method}: {n} maps written, the others already in {cfg.db}")
+    if csv_rows:
+        write_csv(out / ("predictions.csv" if world == 1 else f"predictions-rank{rank}.csv"), csv_rows)
+        print(f"wrote {out / 'predictions.csv'} ({len(csv_rows)} rows)" + ("" if cfg.figure_grid or not cfg.figures
+                                                                         else f" and figures in {out / 'figures'}"))
+        labelled = [r for r in csv_rows if r["label"]]
+        if labelled:
+            right = sum(r["label"] == r["predicted"] for r in labelled)
+            print(f"{right} of {len(labelled)} labelled files classified correctly")
+    if grid:
+        path = plot_tiles(grid, cfg.figure_grid, f"{mcfg['model']} ({Path(cfg.checkpoint).parent.name}) on {len(grid)} "
+                          f"image files at their own resolution; the model saw each at {size}x{size}")
+        print(f"wrote {path}")
+    if problems:
+        print(f"{len(problems)} path(s) could not be explained (listed above); everything else is stored in {cfg.db}",
+              file=sys.stderr)
+    return {"config": asdict(cfg), "files": csv_rows, "problems": problems, "summary": summary}
+
+
+def file_label(path: Path, task: str) -> int:
+    """The true class a file's name gives (tiles.label_from_name), in the model's task: for the
+    binary tumor task, 1 for TUM and 0 for every other code."""
+    label = label_from_name(path)
+    return label if label < 0 or task != BINARY else int(label == TUMOR_CLASS)
+
+
+def file_work(tiles, new: list[int], sample_ids, pred, conf, rule: str) -> Work:
+    """The maps to compute for the files first seen in this run: per file one entry per target
+    class, SmoothGrad's seed from the file's content hash."""
+    idx = np.array(new, dtype=np.int64)
+    labels = np.array([t.label for t in tiles], dtype=np.int64)
+    work = work_list(idx, labels, pred, conf, np.asarray(sample_ids)[idx], Where(0, "files", 0, FILE_SPLIT), rule)
+    keep = work.target >= 0  # --targets true of a file without a label: nothing to explain
+    work = Work(**{k: v[keep] for k, v in asdict(work).items()})
+    work.seeds = np.array([map_seeds(f"sha256:{tiles[i].sha256}", FILE_SPLIT, [0], [t])[0]
+                           for i, t in zip(work.index.tolist(), work.target.tolist())], dtype=np.int64)
+    return work
+
+
+def tile_row(tile, maps: dict, names, pred: int, conf: float) -> dict:
+    """What plot_tiles draws of one file; large files are drawn at most 1024 px wide."""
+    scale = min(1.0, 1024 / max(tile.width, tile.height))
+    full = tile.full if scale == 1 else np.asarray(Image.fromarray(tile.full.squeeze()).resize(
+        (round(tile.width * scale), round(tile.height * scale)), Image.BILINEAR)).reshape(
+        round(tile.height * scale), round(tile.width * scale), -1)
+    title = f"{tile.path.name}\npred: {names[pred]} ({conf:.2f})"
+    if tile.label >= 0:
+        title += f"\ntrue: {names[tile.label]}"
+    return {"full": full, "small": tile.small.permute(1, 2, 0).numpy(), "title": title,
+            "wrong": tile.label >= 0 and tile.label != pred,
+            "maps": {m: (v, names[t]) for m, (v, t) in maps.items()}}
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
+def _cli() -> None:
+    if main().get("problems"):
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    exit_with_one_line(main, (DataError, CheckpointError, DatabaseError))
+    exit_with_one_line(_cli, (DataError, CheckpointError, DatabaseError))

@@ -184,6 +184,64 @@ def plot_examples(images, rows: dict, class_names, method: str, path, title: str
     return save_figure(fig, path, title)
 
 
+def plot_tiles(rows: list[dict], path, title: str) -> Path:
+    """Image files at their own resolution, one row each: the file | what the model saw | then per
+    method its map and overlay, the map upsampled to the file's size (Grad-CAM bilinearly from its
+    layer's grid; IG by nearest neighbour: each of its values belongs to one model-input pixel, a
+    block of the file). Grad-CAM as the second seed drew it: grayscale map, then a jet overlay; IG
+    and the other gradient maps signed (red supports the class, blue opposes it), then their
+    positive part in red over the image.
+
+    rows: dicts of full (H, W, C) and small (s, s, C) uint8, title, wrong (bool) and maps
+    {method: (stored map (C, h, w) or (h, w), explained class name)}.
+    """
+    methods = list(dict.fromkeys(m for r in rows for m in r["maps"]))
+    ncol = 2 + 2 * len(methods)
+    side = 2.0 if len(rows) > 1 else max(2.0, min(max(rows[0]["full"].shape[:2]), 1024) / DPI)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(side * ncol, (side + 0.55) * len(rows) + 0.4), squeeze=False,
+                             layout="constrained")  # keeps the title clear of the first row at any height
+    for r, row in enumerate(rows):
+        full, small = row["full"], row["small"]
+        h, w = full.shape[:2]
+        show = lambda ax, img: ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img,
+                                         cmap="gray" if img.shape[-1] == 1 else None, interpolation="nearest")
+        show(axes[r, 0], full)
+        axes[r, 0].set_title(row["title"], fontsize=7, color="red" if row["wrong"] else "black")
+        show(axes[r, 1], small)
+        axes[r, 1].set_title(f"what the model saw\n({small.shape[0]}x{small.shape[1]})", fontsize=7)
+        for j, method in enumerate(methods):
+            ax_map, ax_over = axes[r, 2 + 2 * j], axes[r, 3 + 2 * j]
+            if method not in row["maps"]:
+                ax_map.set_visible(False)
+                ax_over.set_visible(False)
+                continue
+            stored, target = row["maps"][method]
+            m = torch.from_numpy(np.asarray(stored, np.float32))
+            m = m.sum(0) if m.ndim == 3 else m
+            smooth = method == "gradcam"
+            m = torch.nn.functional.interpolate(m[None, None], size=(h, w), mode="bilinear" if smooth else "nearest",
+                                                **({"align_corners": False} if smooth else {}))[0, 0].numpy()
+            show(ax_over, full)
+            if smooth:
+                lim = max(float(m.max()), 1e-12)
+                ax_map.imshow(m, cmap="gray", vmin=0, vmax=lim)
+                ax_over.imshow(m, cmap="jet", alpha=0.45, vmin=0, vmax=lim)
+                ax_map.set_title(textwrap.fill(f"Grad-CAM for {target}", 28), fontsize=7)
+                ax_over.set_title("heat-map overlay", fontsize=7)
+            else:
+                lim = max(float(np.percentile(np.abs(m), 99.5)), 1e-12)
+                ax_map.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+                pos = np.clip(m / lim, 0, 1)
+                ax_over.imshow(np.dstack([np.ones_like(pos), np.zeros_like(pos), np.zeros_like(pos), 0.8 * pos]),
+                               interpolation="nearest")
+                ax_map.set_title(textwrap.fill(f"{'IG' if method == 'ig' else method} for {target} (signed)", 28), fontsize=7)
+                ax_over.set_title("positive part in red", fontsize=7)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    return save_figure(fig, path, title)
+
+
 def plot_trust(rows: list[dict], class_names, folder, title: str) -> list[Path]:
     """images/sanity_check.png, deletion_insertion.png and (with masks) localisation.png from the
     stored summary metrics of one model (rows of ExplanationDB.summary_metrics)."""

@@ -124,9 +124,13 @@ def compute_metrics(y_true, scores, task: str, class_names: list[str], n_bins: i
                "support": int(support[c]), "auc": class_auc[c]}
         for c, name in enumerate(class_names)
     }
+    binary = {}
+    if task == BINARY:  # the positive class (last column) at MedMNIST's threshold
+        binary = {"sensitivity": float(recall[-1]), "specificity": float(recall[0]), "threshold": THRESHOLD}
     return {
         "acc": float(correct.mean()),
         "auc": auc,
+        **binary,
         "n": int(n),
         "balanced_acc": float(recall[support > 0].mean()),
         "macro_f1": float(f1.mean()),
@@ -144,6 +148,9 @@ def print_report(metrics: dict, class_names: list[str]) -> None:
     if "ece" in metrics:
         head += (f"  ece {metrics['ece']:.4f}  nll {metrics['nll']:.4f}"
                  f"  bal_acc {metrics['balanced_acc']:.4f}  macro_f1 {metrics['macro_f1']:.4f}")
+    if "sensitivity" in metrics:
+        head += (f"  sensitivity {metrics['sensitivity']:.4f}  specificity {metrics['specificity']:.4f}"
+                 f" (threshold {metrics['threshold']})")
     print(head)
     width = max(len(name) for name in class_names)
     if "ece" in metrics:

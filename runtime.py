@@ -42,8 +42,10 @@ def _parser(cls, description: str | None, suppress: bool) -> _OneLineErrors:
                        argument_default=argparse.SUPPRESS if suppress else None)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        kind, default = hints[f.name], argparse.SUPPRESS if suppress else f.default
-        extra = {k: f.metadata[k] for k in ("choices", "type") if k in f.metadata}
+        kind = str if "nargs" in f.metadata else hints[f.name]  # a list of strings: one flag, many values
+        default = argparse.SUPPRESS if suppress else (
+            f.default_factory() if f.default is dataclasses.MISSING else f.default)
+        extra = {k: f.metadata[k] for k in ("choices", "type", "nargs") if k in f.metadata}
         if kind is bool:
             p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default,
                            help=f.metadata.get("help", ""))

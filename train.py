@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from data import SIZES, DataError, dataset_choices, load_data, parse_split_sizes
+from data import SIZES, TASKS, DataError, dataset_choices, load_data, parse_split_sizes
 from figures import plot_training_curves
 from model import MODELS, CheckpointError, build_model, count_flops, read_checkpoint, save_checkpoint
 from report import score_checkpoint, write_report
@@ -46,6 +46,7 @@ class TrainConfig(Recipe):
     synthetic_sizes: str = field(default="10000,2000,2000", metadata={"help": "train,val,test images of --dataset synthetic (tiny ones make quick tests)"})
     size: int = field(default=28, metadata={"help": "image side", "choices": SIZES})
     data_dir: str = field(default="data", metadata={"help": "folder with MedMNIST .npz files (downloaded if missing), or one .npz file"})
+    task: str = field(default="classes", metadata={"help": "labels to learn: the flag's own classes, or tumor: PathMNIST's adenocarcinoma epithelium (cancer) vs the other eight classes (non-cancer; stroma included), a binary task", "choices": TASKS})
     model: str = field(default="lightcnn", metadata={"help": "network", "choices": MODELS})
     pretrained: bool = field(default=False, metadata={"help": "start resnet50 from ImageNet weights (downloads them)"})
     epochs: int = field(default=25, metadata={"min": 1, "help": "maximum epochs (the seed's 25)"})
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> Path:
 def load_train_val(cfg: TrainConfig, device, world: int, log):
     """(data, train split on the device, validation split) of the run's dataset."""
     data = load_data(cfg.dataset, cfg.size, cfg.data_dir, ("train", "val"), seed=cfg.seed,
-                     synthetic_sizes=parse_split_sizes(cfg.synthetic_sizes))
+                     synthetic_sizes=parse_split_sizes(cfg.synthetic_sizes), task=cfg.task)
     train, val = (data.splits[s] for s in ("train", "val"))
     if len(train) // world < 2:
         raise DataError(f"{data.source}: {len(train)} training images are too few for {world} "

@@ -33,7 +33,8 @@ from metrics import compute_metrics
 from model import build_model, predict
 from runtime import amp_dtype, autocast, set_seed
 from stain import CENTRE_LEVEL, LEVELS, perturb
-from training import Recipe, make_optimizer, seed_epoch, train_one_epoch, validate
+from training import (Recipe, make_ema, make_optimizer, make_scheduler, seed_epoch, step_schedule, train_one_epoch,
+                      validate)
 
 T_975 = {14: 2.145, 9: 2.262, 4: 2.776, 2: 4.303}  # Student t quantiles for the intervals used here
 
@@ -67,21 +68,25 @@ def fit_ours(data: Data, recipe: Recipe, seed: int, epochs: int, patience: int) 
     device = torch.device("cpu")
     net = build_model("lightcnn").to(memory_format=torch.channels_last)
     optimizer, dtype = make_optimizer(net, recipe), amp_dtype(recipe.amp, device)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=2)
+    scheduler = make_scheduler(optimizer, recipe, epochs)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     train, val = data.splits["train"], data.splits["val"]
+    ema = make_ema(net, recipe, math.ceil(len(train) / recipe.batch_size))
+    kept = net if ema is None else ema.module  # the weights that are validated and kept
     best, best_state, stale = -1.0, None, 0
     for epoch in range(1, epochs + 1):
         order, g = seed_epoch(seed, epoch, len(train))
-        train_one_epoch(net, train, order, optimizer, scaler, autocast(device, dtype), g, recipe, "cv", progress=False)
-        va = validate(net, val, data, recipe, device)
-        scheduler.step(va["loss"])
-        best, best_state, stale = ((va["acc"], copy.deepcopy(net.state_dict()), 0) if va["acc"] > best
+        train_one_epoch(net, train, order, optimizer, scaler, autocast(device, dtype), g, recipe, "cv", progress=False,
+                        ema=ema)
+        va = validate(kept, val, data, recipe, device)
+        # The plateau rule watches the trained weights: the average's loss lags behind them.
+        step_schedule(scheduler, va["loss"] if kept is net else validate(net, val, data, recipe, device)["loss"])
+        best, best_state, stale = ((va["acc"], copy.deepcopy(kept.state_dict()), 0) if va["acc"] > best
                                    else (best, best_state, stale + 1))
         if stale >= patience:
             break
-    net.load_state_dict(best_state)
-    return net.eval()
+    kept.load_state_dict(best_state)
+    return kept.eval()
 
 
 def fit_seed(data: Data, root: Path, seed: int, epochs: int, patience: int) -> torch.nn.Module:

@@ -506,8 +506,8 @@ def test_version_1_file_upgrades_in_place(tmp_path):
         np.testing.assert_array_equal(rows["maps"], np.arange(4, dtype=np.float32).reshape(1, 2, 2))
         d.add_sample_metrics(rows["attribution_id"], "deletion_auc", [0.3])
         assert d.sample_metrics("deletion_auc")["value"].tolist() == [0.3]
-    assert raw_sql(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)] and SCHEMA_VERSION == 2
-    assert {"sample_metrics", "summary_metrics"} <= {t for (t,) in raw_sql(path, tables)}
+    assert raw_sql(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)] and SCHEMA_VERSION == 3
+    assert {"sample_metrics", "summary_metrics", "files"} <= {t for (t,) in raw_sql(path, tables)}
     assert raw_sql(path, "SELECT map FROM attributions") == [(blob,)]  # the map is untouched
 
 

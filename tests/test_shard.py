@@ -354,7 +354,7 @@ def test_merge_keeps_the_destination_on_conflict_and_carries_metrics(tmp_path):
         metric = d.sample_metrics("m")
         summary = {(r["dataset"], r["name"]) for r in d.summary_metrics()}
         again = d.merge_from(src)
-    assert counts == {"models": 0, "settings": 0, "samples": 2, "maps": 2, "maps_present": 1, "map_conflicts": 1,
+    assert counts == {"models": 0, "settings": 0, "samples": 2, "files": 0, "maps": 2, "maps_present": 1, "map_conflicts": 1,
                       "sample_metrics": 2, "summary_metrics": 1, "metric_conflicts": 4}
     # Left out: "m" of the conflicting map (it describes the source's map) and of (3, 0) (another
     # value here), and both aggregates over data set "d", where map (2, 0) stayed this file's.
