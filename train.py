@@ -37,7 +37,8 @@ from model import MODELS, CheckpointError, build_model, count_flops, read_checkp
 from report import score_checkpoint, write_report
 from runtime import (AMP_CHOICES, amp_dtype, autocast, distributed, exit_on_interrupt, exit_with_one_line,
                      from_rank0, parse_args, precision_name, set_seed)
-from training import Recipe, make_optimizer, seed_epoch, train_one_epoch, validate
+from training import (Recipe, make_ema, make_optimizer, make_scheduler, resume_schedule, seed_epoch, step_schedule,
+                      train_one_epoch, validate)
 
 
 @dataclass
@@ -87,10 +88,13 @@ def main(argv: list[str] | None = None) -> Path:
 
         # Model, optimiser, schedule; a resumed run's state. All checked before anything is written.
         net, optimizer, scheduler, mixed, scaler = build_training(cfg, data, device, pretrained=not resume_ckpt, log=log)
+        # With --ema the average is what is validated, kept in best.pt and tested.
+        ema = make_ema(net, cfg, math.ceil(len(train) // world / cfg.batch_size))
+        kept = net if ema is None else ema.module
         start, best, stale = 1, -math.inf, 0
         if resume_ckpt:
             start, best, stale = restore(resume_ckpt, Path(cfg.resume) / "last.pt", net, optimizer,
-                                         scheduler, cfg.lr if "lr" in given else None)
+                                         scheduler, cfg.lr if "lr" in given else None, ema)
         run_dir, rows = open_run_folder(cfg, rank, resume_ckpt)
         with exit_on_interrupt(lambda: _resume_hint(run_dir), quiet=rank != 0):
             if resume_ckpt:
@@ -105,19 +109,20 @@ def main(argv: list[str] | None = None) -> Path:
                     break
                 order, generator = seed_epoch(cfg.seed, epoch, len(train), rank, world)
                 tr = train_one_epoch(model, train, order, optimizer, scaler, mixed, generator, cfg,
-                                     f"epoch {epoch}/{cfg.epochs}", progress=rank == 0)
+                                     f"epoch {epoch}/{cfg.epochs}", progress=rank == 0, ema=ema)
                 # Rank 0 validates; every rank takes its result, so all step and stop together.
-                va = from_rank0(validate(net, val, data, cfg, device) if rank == 0 else None)
+                va, trained_loss = from_rank0(validation(net, kept, val, data, cfg, device) if rank == 0 else None)
                 if not math.isfinite(va["loss"]):
                     raise FloatingPointError(f"validation loss became {va['loss']} after epoch {epoch}; last.pt "
                                              f"keeps the last good epoch: resume with a lower --lr, or without --amp")
-                scheduler.step(va["loss"])
+                step_schedule(scheduler, trained_loss)
                 score = va[cfg.monitor] if math.isfinite(va[cfg.monitor]) else -math.inf  # AUC is NaN if a class is absent
                 improved = score > best or epoch == 1
                 best, stale = (score, 0) if improved else (best, stale + 1)
                 rows.append(epoch_row(epoch, tr, va, optimizer))
                 if rank == 0:
-                    state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                    state = {"model": kept.state_dict(), "optimizer": optimizer.state_dict(),
+                             **({} if ema is None else {"trained_model": net.state_dict(), "ema_steps": int(ema.n_averaged)}),
                              "scheduler": scheduler.state_dict(), "epoch": epoch, "best_metric": best,
                              "stale_epochs": stale, "config": asdict(cfg), "arch": data_arch(data),
                              # A record only: the next epoch reseeds (seed_epoch), resumed or not.
@@ -136,6 +141,13 @@ def main(argv: list[str] | None = None) -> Path:
                 write_report(scored, run_dir, "", {"checkpoint": checkpoint, "split": "test", "amp": cfg.amp, "tta": cfg.tta,
                                                    "batch_size": cfg.eval_batch_size, "device": str(device)})
     return run_dir
+
+
+def validation(net, kept, val, data, cfg, device) -> tuple[dict, float]:
+    """The kept weights' validation metrics, and the loss the schedule watches: the trained
+    weights' own (the average's lags behind them, and would halve the rate too early)."""
+    va = validate(kept, val, data, cfg, device)
+    return va, va["loss"] if kept is net or cfg.schedule != "plateau" else validate(net, val, data, cfg, device)["loss"]
 
 
 def load_train_val(cfg: TrainConfig, device, world: int, log):
@@ -159,7 +171,7 @@ def build_training(cfg: TrainConfig, data, device, pretrained: bool, log):
         f"{count_flops(net, (data.n_channels, cfg.size, cfg.size)) / 1e6:.1f} M MACs per image")
     net = net.to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(net, cfg)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=2)
+    scheduler = make_scheduler(optimizer, cfg, cfg.epochs)
     dtype = amp_dtype(cfg.amp, device)
     log(f"precision: {precision_name(dtype)} on {device} (--amp {cfg.amp})")
     return (net, optimizer, scheduler, autocast(device, dtype),
@@ -194,7 +206,9 @@ def resume_config(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, dict]
         if isinstance(saved.get("amp"), bool):  # runs from before --amp auto
             saved["amp"] = "on" if saved["amp"] else "off"
         saved.setdefault("rotate", 10.0)  # runs from before --rotate rotated by up to 10 degrees ...
-        saved.setdefault("stain_jitter", 0.0)  # ... and had no stain jitter
+        saved.setdefault("stain_jitter", 0.0)  # ... and had no stain jitter, weight average or schedule choice
+        saved.setdefault("ema", 0.0)
+        saved.setdefault("schedule", "plateau")
         resumed = TrainConfig(**{**saved, **overrides, "resume": cfg.resume, "out": cfg.resume})
         problem = resumed.check()
     except (TypeError, ValueError) as e:
@@ -205,13 +219,18 @@ def resume_config(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, dict]
     return resumed, ckpt
 
 
-def restore(ckpt: dict, path: Path, net, optimizer, scheduler, lr: float | None) -> tuple[int, float, int]:
-    """Load last.pt into the model, optimiser and schedule (a given `lr` wins over the saved one);
-    returns (first epoch to run, best validation metric, epochs without improvement)."""
+def restore(ckpt: dict, path: Path, net, optimizer, scheduler, lr: float | None, ema=None) -> tuple[int, float, int]:
+    """Load last.pt into the model, its weight average, optimiser and schedule (a given `lr` wins
+    over the saved one); returns (first epoch to run, best validation metric, epochs without
+    improvement)."""
     try:
-        net.load_state_dict(ckpt["model"])
+        net.load_state_dict(ckpt.get("trained_model", ckpt["model"]))
+        if ema is not None:
+            ema.module.load_state_dict(ckpt["model"])
+            ema.n_averaged.fill_(int(ckpt.get("ema_steps", 1)))
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        resume_schedule(scheduler, optimizer)
         start, best, stale = int(ckpt["epoch"]) + 1, float(ckpt["best_metric"]), int(ckpt["stale_epochs"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]

@@ -116,10 +116,21 @@ def make_optimizer(net, cfg: Recipe) -> torch.optim.Optimizer:
 
 
 def make_scheduler(optimizer, cfg: Recipe, epochs: int):
-    """The learning-rate schedule, stepped once per epoch by step_schedule."""
+    """The learning-rate schedule, stepped once per epoch by step_schedule. Cosine in closed form
+    (lr x (1 + cos(pi e / epochs)) / 2 after epoch e), so a run resumed with more --epochs anneals
+    over the new budget from where it is."""
     if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, epochs) / max(1, epochs))))
     return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=2)
+
+
+def resume_schedule(scheduler, optimizer) -> None:
+    """After loading a schedule's state: the cosine rate of the epoch reached under this run's
+    --epochs (the checkpoint's optimiser holds the rate of the budget it was saved under)."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * fn(scheduler.last_epoch)
 
 
 def step_schedule(scheduler, val_loss: float) -> None:

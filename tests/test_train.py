@@ -197,21 +197,28 @@ def test_identical_runs_give_identical_weights(one_epoch, events, tmp_path):
     assert strip(read_rows(run)[1]) == strip(read_rows(again)[1])
 
 
-def test_resume_equals_uninterrupted(events, tmp_path):
+@pytest.mark.parametrize("recipe", [[], ["--ema", "0.5", "--schedule", "cosine"]])
+def test_resume_equals_uninterrupted(events, tmp_path, recipe):
     a, b = tmp_path / "A", tmp_path / "B"
-    fit(a, "--epochs", "2")
-    fit(b, "--epochs", "1")
+    fit(a, "--epochs", "2", *recipe)
+    fit(b, "--epochs", "1", *recipe)
     train.main(["--resume", str(b), "--epochs", "2", "--device", "cpu"])
     la, lb = load(a / "last.pt"), load(b / "last.pt")
     assert la["epoch"] == lb["epoch"] == 2
     assert_same_tensors(la["model"], lb["model"])
+    if recipe:  # the average is the model kept; the trained weights travel beside it
+        assert_same_tensors(la["trained_model"], lb["trained_model"])
+        assert la["ema_steps"] == lb["ema_steps"] > 0
+        assert any(not torch.equal(la["model"][k], la["trained_model"][k]) for k in la["model"])
     assert_same_tensors(la["rng"], lb["rng"])
     assert la["optimizer"]["param_groups"] == lb["optimizer"]["param_groups"]
     for k, st in la["optimizer"]["state"].items():
         assert_same_tensors(st, lb["optimizer"]["state"][k])
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+    # Epoch 1's row records the rate after it under each run's budget: cosine over 1 epoch or 2.
+    skip = TIMING | ({"lr"} if recipe else set())
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in skip} for r in rows]
     rows_a, rows_b = read_rows(a)[1], read_rows(b)[1]
-    assert len(rows_a) == len(rows_b) == 2 and strip(rows_a) == strip(rows_b)
+    assert len(rows_a) == len(rows_b) == 2 and strip(rows_a) == strip(rows_b) and rows_a[1]["lr"] == rows_b[1]["lr"]
     assert json.loads((b / "config.json").read_text())["epochs"] == 2
     assert [e for e in events if e[0] == "load" and "test" in e[2]] == [("load", "evaluate", ("test",))] * 3
 
@@ -331,3 +338,18 @@ def test_nan_loss_stops_with_last_good_checkpoint(monkeypatch, events, tmp_path)
     monkeypatch.setattr(F, "cross_entropy", real_ce)
     train.main(["--resume", str(run), "--epochs", "2", "--device", "cpu"])
     assert load(run / "last.pt")["epoch"] == 2 and [r["epoch"] for r in read_rows(run)[1]] == [1, 2]
+
+
+def test_weight_average_follows_its_recurrence():
+    """make_ema against the recurrence written out: a_1 = w_1, then a_t = a_(t-1) + (1 - d_t)(w_t - a_(t-1))
+    with d_t = min(decay, t / (9 + t)), decay = 0.5 ** (1 / (half-life x steps per epoch))."""
+    from training import Recipe, make_ema
+    net = torch.nn.Linear(1, 1, bias=False)
+    ema = make_ema(net, Recipe(ema=2.0), steps_per_epoch=5)
+    decay, expected = 0.5 ** (1 / 10), None
+    for t, w in enumerate([3.0, -1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0] * 5, start=1):
+        net.weight.data.fill_(w)
+        ema.update_parameters(net)
+        expected = w if expected is None else expected + (1 - min(decay, t / (9 + t))) * (w - expected)
+        assert ema.module.weight.item() == pytest.approx(expected, rel=1e-6)
+    assert make_ema(net, Recipe(ema=0.0), 5) is None
