@@ -400,6 +400,27 @@ class ExplanationDB:
                        sample_ids=sample_ids)
         return self._select(filters, errors_only, _ORDER, limit)
 
+    def settings_used(self, **filters) -> list[tuple[int, str]]:
+        """(setting id, method) of the settings that have maps matching maps()' filters, by id."""
+        where, params = _where(filters, False)
+        return [tuple(r) for r in self._conn.execute(
+            "SELECT DISTINCT a.setting_id, s.method FROM attributions a JOIN settings s ON s.id = a.setting_id "
+            f"JOIN samples x ON x.id = a.sample_id{where} ORDER BY a.setting_id", params)]
+
+    def sample_metric_names(self, **filters) -> list[str]:
+        """Names of the per-map metrics stored for the maps matching maps()' filters."""
+        where, params = _where(filters, False)
+        return [r[0] for r in self._conn.execute(
+            "SELECT DISTINCT v.name FROM sample_metrics v JOIN attributions a ON a.id = v.attribution_id "
+            "JOIN settings s ON s.id = a.setting_id JOIN samples x ON x.id = a.sample_id"
+            f"{where} ORDER BY v.name", params)]
+
+    def find_model(self, checkpoint_sha256: str) -> int | None:
+        """The id of a registered checkpoint, or None (nothing is written)."""
+        row = self._conn.execute("SELECT id FROM models WHERE checkpoint_sha256 = ?",
+                                 (str(checkpoint_sha256).lower(),)).fetchone()
+        return None if row is None else row[0]
+
     def top_errors(self, k: int = 10, **filters) -> dict[str, np.ndarray]:
         """The k most confident wrong predictions (predicted != label), most confident first."""
         return self._select(filters, True, f"a.confidence DESC, {_ORDER}", k)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import re
 import sys
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from attribution import METHODS, AttributionSettings, as_stored, map_seeds
 from data import BINARY, TUMOR_CLASS, DataError, data_for_run, file_digest, normalize
 from db import FILE_SPLIT, UNKNOWN_LABEL, DatabaseError, ExplanationDB, StoreError, check_sources
 from figures import plot_examples, plot_tiles, plot_trust
+from gallery import report_html
 from model import GRADCAM_LAYERS, CheckpointError, gradcam_layer, inference_copy, load_checkpoint, predict
 from runtime import distributed, exit_with_one_line, parse_config
 from tiles import TileError, find_images, label_from_name, read_tile
@@ -68,6 +70,7 @@ class ExplainConfig(AttributionSettings, TrustSettings):
     labels_from_names: bool = field(default=False, metadata={"help": "with --images: a file's true class is the PathMNIST code in its name (ADI, BACK, DEB, LYM, MUC, MUS, NORM, STR, TUM: TUM-TCGA-AAHIDTWA.jpg is 8)"})
     files_out: str = field(default="", metadata={"help": "with --images: folder for predictions.csv and one figure per file (default: files/ next to the checkpoint)"})
     figure_grid: str = field(default="", metadata={"help": "with --images: draw one grid of every file into this PNG instead of one figure per file"})
+    report: str = field(default="", metadata={"help": "then write a self-contained HTML report of the selection's stored maps to this file: trust metrics and figures, a gallery with filters and sorting"})
     merge_from: str = field(default="", metadata={"help": "comma-separated databases (e.g. shard files) to copy into --db, then stop; nothing is explained"})
 
     def check(self) -> str | None:
@@ -357,6 +360,21 @@ def main(argv: list[str] | None = None) -> dict:
         return run(cfg, device) if rank == 0 and (cfg.figures or cfg.trust or cfg.images) else result
 
 
+def write_report(cfg: ExplainConfig, where: Where, split, class_names, title: str) -> None:
+    """--report: the HTML page of every stored map of this model on this split (gallery.py)."""
+    t0 = time.perf_counter()
+    images = Path(cfg.checkpoint).parent / "images"
+    with ExplanationDB(cfg.db) as db:
+        page = report_html(db, where.model_id, where.dataset, where.size, where.split, split.images, class_names, title,
+                           [images / f"{n}.png" for n in ("sanity_check", "deletion_insertion", "localisation")])
+    path = Path(cfg.report)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s); open it in a browser")
+
+
 def target_rule(targets: str, task: str) -> str:
     """--targets auto: the positive class of a binary task (the cancer logit), else the predicted one."""
     return ("positive" if task == BINARY else "predicted") if targets == "auto" else targets
@@ -419,12 +437,14 @@ def run(cfg: ExplainConfig, device, rank: int = 0, world: int = 1) -> dict:
                      and r["setting_id"] in (None, *settings.values())]  # this run's settings
         summary = db.summary()
     print_summary(summary)
+    title = f"{mcfg['model']} on the {cfg.split} split of {data.name} ({data.size}x{data.size})"
     if trust:
         print_trust(trust)
         if cfg.figures:
-            title = f"{mcfg['model']} on the {cfg.split} split of {data.name} ({data.size}x{data.size})"
             for path in plot_trust(trust, data.class_names, Path(cfg.checkpoint).parent / "images", title):
                 print(f"wrote {path}")
+    if whole and cfg.report:
+        write_report(cfg, where, split, data.class_names, f"{title}: {Path(cfg.checkpoint).parent.name}")
     return {"config": asdict(cfg), "summary": summary, "trust": trust}
 
 

@@ -1,0 +1,100 @@
+"""explain.py --report in a real headless browser (Debian's chromium, which .ci/run installs): the
+page loads without errors, shows one card per stored (image, class), and each filter and sort
+shows what the database says, on the synthetic test split of 2,000 images."""
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data as D
+import explain as X
+import model as M
+from db import ExplanationDB
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SIZES = "10,10,2000"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, lightcnn_with_fitted_head):
+    """A fitted-head LightCNN explained on all 2,000 synthetic test images (IG at 8 steps and
+    Grad-CAM), the per-map trust metrics of the first 60, and the report of it all."""
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (.ci/run installs it: apt-get install chromium)")
+    root = tmp_path_factory.mktemp("report")
+    ckpt = root / "run" / "best.pt"
+    ckpt.parent.mkdir()
+    cfg = {"dataset": "synthetic", "size": 28, "data_dir": "data", "model": "lightcnn", "seed": 0,
+           "synthetic_sizes": SIZES}
+    arch = {"in_channels": 3, "num_classes": 9, "task": "multi-class", "class_names": list(D.SYNTHETIC_CLASSES)}
+    M.save_checkpoint(ckpt, {"model": lightcnn_with_fitted_head(300, 1e-2, 200).state_dict(), "epoch": 1,
+                             "config": cfg, "arch": arch})
+    db, page = root / "x.db", root / "report.html"
+    common = ["--checkpoint", str(ckpt), "--db", str(db), "--device", "cpu", "--ig-steps", "8", "--no-figures"]
+    X.main([*common, "--n", "60", "--trust", "--trust-n", "60"])  # per-map metrics for 60
+    X.main([*common, "--report", str(page)])  # all 2,000, the first 60 already stored
+    return db, page
+
+
+def browse(page: Path, hash_: str = "", screenshot: Path | None = None) -> tuple[str, str]:
+    """(the DOM after the page's scripts ran, chromium's log with the console's messages)."""
+    args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+            "--window-size=1400,1600", "--virtual-time-budget=5000"]
+    args += [f"--screenshot={screenshot}"] if screenshot else ["--dump-dom"]
+    out = subprocess.run([*args, f"{page.as_uri()}{hash_}"], capture_output=True, text=True, timeout=120)
+    return out.stdout, out.stderr
+
+
+def shown(dom: str) -> int:
+    return int(re.search(r'<span id="count">(\d+)</span>', dom)[1])
+
+
+def db_count(db: Path, **filters) -> int:
+    with ExplanationDB(db) as d:
+        rows = [d.maps(method=m, split="test", **filters) for m in ("ig", "gradcam")]
+    return len({(i, t) for r in rows for i, t in zip(r["index"].tolist(), r["target"].tolist())})
+
+
+def test_page_loads_with_one_card_per_stored_map_pair(report):
+    db, page = report
+    dom, log = browse(page)
+    assert 'data-errors=""' in dom and not re.search(r"CONSOLE.*(Uncaught|Error)", log), log[-2000:]
+    n = db_count(db)
+    assert n == 2000 and shown(dom) == n and len(re.findall(r'class="card( wrong)?"', dom)) == n
+    assert int(re.search(r'<span id="total">(\d+)</span>', dom)[1]) == n
+    assert page.stat().st_size < 15e6  # sprite sheets, not 6,000 inline images
+
+
+@pytest.mark.parametrize("hash_, filters", [
+    ("#pred=3", {"predicted": 3}), ("#true=5", {"label": 5}), ("#correct=wrong", {"errors_only": True}),
+    ("#true=2&pred=2&method=ig", {"label": 2, "predicted": 2})])
+def test_filters_show_the_database_count(report, hash_, filters):
+    db, page = report
+    dom, _ = browse(page, hash_)
+    assert shown(dom) == db_count(db, **filters) > 0
+
+
+def test_sorting_by_a_metric_puts_its_extreme_first(report):
+    db, page = report
+    with ExplanationDB(db) as d:
+        v = d.sample_metrics("deletion_auc", method="ig", split="test")
+    dom, _ = browse(page, "#sort=ig%3Adeletion_auc-asc")
+    first = int(re.search(r'class="card( wrong)?".*?#(\d+) true', dom, re.S)[2])
+    assert len(v["value"]) == 60 and first == int(v["index"][np.nanargmin(v["value"])])
+    dom, _ = browse(page, "#sort=confidence-desc&correct=wrong")
+    with ExplanationDB(db) as d:
+        worst = d.top_errors(k=1, method="gradcam", split="test")
+    assert int(re.search(r'class="card( wrong)?".*?#(\d+) true', dom, re.S)[2]) == int(worst["index"][0])
+
+
+def test_screenshot_is_written(report, tmp_path):
+    _, page = report
+    shot = tmp_path / "report.png"
+    browse(page, "#correct=wrong", screenshot=shot)
+    with Image.open(shot) as im:
+        assert im.size == (1400, 1600) and len(set(im.convert("RGB").getdata())) > 100  # drawn, not blank
