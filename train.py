@@ -115,11 +115,11 @@ def main(argv: list[str] | None = None) -> Path:
                 if not math.isfinite(va["loss"]):
                     raise FloatingPointError(f"validation loss became {va['loss']} after epoch {epoch}; last.pt "
                                              f"keeps the last good epoch: resume with a lower --lr, or without --amp")
+                rows.append(epoch_row(epoch, tr, va, optimizer))  # with the rate this epoch trained at
                 step_schedule(scheduler, trained_loss)
                 score = va[cfg.monitor] if math.isfinite(va[cfg.monitor]) else -math.inf  # AUC is NaN if a class is absent
                 improved = score > best or epoch == 1
                 best, stale = (score, 0) if improved else (best, stale + 1)
-                rows.append(epoch_row(epoch, tr, va, optimizer))
                 if rank == 0:
                     state = {"model": kept.state_dict(), "optimizer": optimizer.state_dict(),
                              **({} if ema is None else {"trained_model": net.state_dict(), "ema_steps": int(ema.n_averaged)}),
@@ -230,7 +230,6 @@ def restore(ckpt: dict, path: Path, net, optimizer, scheduler, lr: float | None,
             ema.n_averaged.fill_(int(ckpt.get("ema_steps", 1)))
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        resume_schedule(scheduler, optimizer)
         start, best, stale = int(ckpt["epoch"]) + 1, float(ckpt["best_metric"]), int(ckpt["stale_epochs"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
@@ -238,6 +237,7 @@ def restore(ckpt: dict, path: Path, net, optimizer, scheduler, lr: float | None,
                               f"it is from another model or damaged: resume another run or start a new one") from None
     for group in optimizer.param_groups:
         group["lr"] = lr if lr is not None else group["lr"]
+    resume_schedule(scheduler, optimizer, lr)
     return start, best, stale
 
 

@@ -323,6 +323,8 @@ def main() -> None:
     p.add_argument("--real", default=str(BENCH.parents[1] / "shared" / "data" / "pathmnist28_real_test718.npz"),
                    help="real: the 718 real test-split images")
     p.add_argument("--no-seed-recipe", action="store_true", help="real: leave out the seed's recipe")
+    p.add_argument("--task", default="classes", choices=("classes", "tumor"),
+                   help="real: the 9 classes, or cancer vs non-cancer (ours and the colour baseline only)")
     p.add_argument("--explain", nargs="*", default=[], help="AttributionSettings overrides for ours (explain.py's IG settings), KEY=VALUE")
     p.add_argument("--tmp", default="", help="folder for the temporary data and databases (a real disk)")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
@@ -343,7 +345,7 @@ def main() -> None:
         base = Recipe(**parse_sets(args.train, Recipe))
         results = cv.run(Path(args.real), cv.parse_variants(args.variants, base), k=args.folds,
                          seeds=1 if args.quick else args.seeds, epochs=3 if args.quick else 40,
-                         seed_recipe=not args.no_seed_recipe)
+                         seed_recipe=not args.no_seed_recipe and args.task == "classes", task=args.task)
         cv.report(results)
     else:
         results = accuracy(args)

@@ -66,7 +66,7 @@ def fit_ours(data: Data, recipe: Recipe, seed: int, epochs: int, patience: int) 
     """training.py's loop as train.py runs it (validation selects the epoch), on CPU."""
     set_seed(seed)
     device = torch.device("cpu")
-    net = build_model("lightcnn").to(memory_format=torch.channels_last)
+    net = build_model("lightcnn", num_classes=data.num_classes).to(memory_format=torch.channels_last)
     optimizer, dtype = make_optimizer(net, recipe), amp_dtype(recipe.amp, device)
     scheduler = make_scheduler(optimizer, recipe, epochs)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -125,31 +125,36 @@ def colour_baseline(train: Split, test: Split) -> np.ndarray:
     return clf.predict_proba(colour_features(test.images))
 
 
-def scores_of(net, test: Split, amp: str) -> dict:
-    """Accuracy (plain and with 8-fold TTA), AUC, per-class recall; accuracy under the calibrated
-    HED change and the mean over every perturbation and level (the ImageNet-C-style summary)."""
-    probs = predict(net, test.images, 256, "cpu", "multi-class", amp)
-    m = compute_metrics(test.labels.numpy(), probs, "multi-class", list(map(str, range(9))))
-    shifted = {(name, level): float((predict(net, perturb(test.images, name, level), 256, "cpu", "multi-class", amp)
+def scores_of(net, test: Split, amp: str, task: str = "multi-class", k: int = 9) -> dict:
+    """Accuracy (plain and with 8-fold TTA), AUC, per-class recall (and for a binary task the
+    sensitivity and specificity); accuracy under the calibrated HED change and the mean over every
+    perturbation and level (the ImageNet-C-style summary)."""
+    probs = predict(net, test.images, 256, "cpu", task, amp)
+    m = compute_metrics(test.labels.numpy(), probs, task, list(map(str, range(k))))
+    shifted = {(name, level): float((predict(net, perturb(test.images, name, level), 256, "cpu", task, amp)
                                      .argmax(1) == test.labels.numpy()).mean())
                for name in LEVELS for level in range(1, 6)}
-    tta = predict(net, test.images, 256, "cpu", "multi-class", amp, tta=True)
-    return {"acc": m["acc"], "auc": m["auc"], "recall": [m["per_class"][str(c)]["recall"] for c in range(9)],
+    tta = predict(net, test.images, 256, "cpu", task, amp, tta=True)
+    return {"acc": m["acc"], "auc": m["auc"], "recall": [m["per_class"][str(c)]["recall"] for c in range(k)],
+            **{key: m[key] for key in ("sensitivity", "specificity") if key in m},
             "acc_tta": float((tta.argmax(1) == test.labels.numpy()).mean()),
             "hed_centre": shifted["hed", CENTRE_LEVEL], "shift_mean": float(np.mean(list(shifted.values())))}
 
 
 def run(real: Path, variants: dict[str, Recipe], k: int = 5, seeds: int = 3, epochs: int = 40,
-        patience: int = 10, seed_recipe: bool = True) -> dict:
-    """Every variant (and the seed's recipe) on every (seed, fold); returns per-run results."""
-    data = load_data("pathmnist", 28, real, ("test",))
+        patience: int = 10, seed_recipe: bool = True, task: str = "classes") -> dict:
+    """Every variant (and the seed's recipe) on every (seed, fold); returns per-run results. The
+    folds are stratified by the 9 classes whatever the task, so --task tumor runs on the same folds."""
+    classes = load_data("pathmnist", 28, real, ("test",))
+    data = load_data("pathmnist", 28, real, ("test",), task=task)
     images, labels = data.splits["test"].images, data.splits["test"].labels.numpy()
+    strata = classes.splits["test"].labels.numpy()
     results = {name: [] for name in (["seed"] if seed_recipe else []) + list(variants) + ["colour"]}
     seconds = {name: 0.0 for name in results}
     with tempfile.TemporaryDirectory() as tmp:
         for s in range(seeds):
-            for f, test_idx in enumerate(stratified_folds(labels, k, seed=s)):
-                train_idx, val_idx = carve_val(np.setdiff1d(np.arange(len(labels)), test_idx), labels, 0.2, seed=100 + s)
+            for f, test_idx in enumerate(stratified_folds(strata, k, seed=s)):
+                train_idx, val_idx = carve_val(np.setdiff1d(np.arange(len(labels)), test_idx), strata, 0.2, seed=100 + s)
                 part = lambda i: Split(images[i], torch.from_numpy(labels[i]))
                 fold = replace(data, splits={"train": part(train_idx), "val": part(val_idx), "test": part(test_idx)})
                 for name in results:
@@ -157,19 +162,19 @@ def run(real: Path, variants: dict[str, Recipe], k: int = 5, seeds: int = 3, epo
                     if name == "colour":
                         probs = colour_baseline(fold.splits["train"], fold.splits["test"])
                         acc = float((probs.argmax(1) == labels[test_idx]).mean())
-                        results[name].append({"acc": acc, "auc": compute_metrics(labels[test_idx], probs, "multi-class",
-                                                                                 list(map(str, range(9))))["auc"]})
+                        results[name].append({"acc": acc, "auc": compute_metrics(labels[test_idx], probs, data.task,
+                                                                                 list(map(str, range(data.num_classes))))["auc"]})
                     else:
                         net = (fit_seed(fold, Path(tmp), s, epochs, patience) if name == "seed" else
                                fit_ours(fold, variants[name], s, epochs, patience))
                         results[name].append(scores_of(net, fold.splits["test"], "off" if name == "seed"
-                                                       else variants[name].amp))
+                                                       else variants[name].amp, data.task, data.num_classes))
                     seconds[name] += time.perf_counter() - t0
                     r = results[name][-1]
                     print(f"seed {s} fold {f} {name:14s} acc {r['acc']:.3f}" +
                           (f" hed@centre {r['hed_centre']:.3f} shift-mean {r['shift_mean']:.3f}" if "hed_centre" in r
                            else ""), flush=True)
-    return {"results": results, "seconds": seconds, "n": len(labels), "k": k, "seeds": seeds}
+    return {"results": results, "seconds": seconds, "n": len(labels), "k": k, "seeds": seeds, "task": task}
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
@@ -195,10 +200,15 @@ def report(out: dict) -> None:
             diff = f"{m:+.3f} [{m - h:+.3f}, {m + h:+.3f}]"
         print(f"| {name} | {cell('acc')} | {cell('acc_tta')} | {cell('auc')} | {cell('hed_centre')} | {cell('shift_mean')} | {diff} | "
               f"{out['seconds'][name] / 60:.1f} |")
-    print("\nper-class recall (mean over runs), classes 0-8:")
+    print(f"\nper-class recall (mean over runs), classes 0-{len(next(iter(res.values()))[0].get('recall', [0] * 9)) - 1}:")
     for name, runs in res.items():
         if "recall" in runs[0]:
             print(f"  {name:14s} " + " ".join(f"{v:.2f}" for v in np.mean([r["recall"] for r in runs], 0)))
+    for name, runs in res.items():
+        if "sensitivity" in runs[0]:
+            stat = lambda key: f"{np.mean([r[key] for r in runs]):.3f} ± {np.std([r[key] for r in runs], ddof=1):.3f}"
+            print(f"  {name:14s} sensitivity {stat('sensitivity')}, specificity {stat('specificity')} "
+                  "(cancer = adenocarcinoma epithelium, at MedMNIST's 0.5 threshold)")
 
 
 def parse_variants(text: str, base: Recipe) -> dict[str, Recipe]:
