@@ -25,7 +25,6 @@ images/sanity_check.png, deletion_insertion.png and localisation.png are drawn.
 """
 from __future__ import annotations
 
-import csv
 import re
 import sys
 import time
@@ -42,6 +41,7 @@ from data import BINARY, TUMOR_CLASS, DataError, data_for_run, file_digest, norm
 from db import FILE_SPLIT, UNKNOWN_LABEL, DatabaseError, ExplanationDB, StoreError, check_sources
 from figures import plot_examples, plot_tiles, plot_trust
 from gallery import report_html
+from report import write_csv
 from model import GRADCAM_LAYERS, CheckpointError, gradcam_layer, inference_copy, load_checkpoint, predict
 from runtime import distributed, exit_with_one_line, parse_config
 from tiles import TileError, find_images, label_from_name, read_tile
@@ -81,8 +81,10 @@ class ExplainConfig(AttributionSettings, TrustSettings):
             return f"--shard must be K/N with 1 <= K <= N, got {self.shard!r}"
         if self.merge_from and (self.shard or not self.merge_list):
             return "--merge-from takes comma-separated database paths and no --shard"
-        if self.images and (self.trust or self.shard or self.indices or self.classes or self.only_errors or self.n):
-            return "--images explains every file given; --trust, --shard, --indices, --classes, --only-errors and --n are for splits"
+        if self.images and (self.trust or self.report or self.shard or self.indices or self.classes or self.only_errors
+                            or self.n):
+            return ("--images explains every file given; --trust, --report, --shard, --indices, --classes, "
+                    "--only-errors and --n are for splits")
         return TrustSettings.check(self)
 
     @property
@@ -520,12 +522,13 @@ def explain_images(cfg: ExplainConfig, model, mcfg: dict, arch: dict, device, ra
                         grid.append(drawn)
                     else:
                         plot_tiles([drawn], out / "figures" / f"{t.path.stem}-{t.sha256[:8]}.png",
-                                   f"{mcfg['model']}: the file at {t.width}x{t.height}; the model saw it at {size}x{size}")
+                                   f"{mcfg['model']} trained on {trained_on(mcfg)}: the file at {t.width}x{t.height}; "
+                                   f"the model saw it at {size}x{size}")
         summary = db.summary()
     for method, n in written.items():
         print(f"{method}: {n} maps written, the others already in {cfg.db}")
-    if csv_rows:
-        write_csv(out / ("predictions.csv" if world == 1 else f"predictions-rank{rank}.csv"), csv_rows)
+    if csv_rows and world == 1:  # under torchrun, rank 0's pass over every file writes it
+        write_csv(out / "predictions.csv", csv_rows)
         print(f"wrote {out / 'predictions.csv'} ({len(csv_rows)} rows)" + ("" if cfg.figure_grid or not cfg.figures
                                                                          else f" and figures in {out / 'figures'}"))
         labelled = [r for r in csv_rows if r["label"]]
@@ -533,13 +536,18 @@ def explain_images(cfg: ExplainConfig, model, mcfg: dict, arch: dict, device, ra
             right = sum(r["label"] == r["predicted"] for r in labelled)
             print(f"{right} of {len(labelled)} labelled files classified correctly")
     if grid:
-        path = plot_tiles(grid, cfg.figure_grid, f"{mcfg['model']} ({Path(cfg.checkpoint).parent.name}) on {len(grid)} "
-                          f"image files at their own resolution; the model saw each at {size}x{size}")
+        path = plot_tiles(grid, cfg.figure_grid, f"{mcfg['model']} trained on {trained_on(mcfg)}: {len(grid)} image "
+                          f"files at their own resolution; the model saw each at {size}x{size}")
         print(f"wrote {path}")
     if problems:
         print(f"{len(problems)} path(s) could not be explained (listed above); everything else is stored in {cfg.db}",
               file=sys.stderr)
     return {"config": asdict(cfg), "files": csv_rows, "problems": problems, "summary": summary}
+
+
+def trained_on(mcfg: dict) -> str:
+    """What a checkpoint was trained on, for figure titles."""
+    return "synthetic data" if mcfg["dataset"] == "synthetic" else f"{Path(mcfg['data_dir']).name} ({mcfg['dataset']})"
 
 
 def file_label(path: Path, task: str) -> int:
@@ -574,16 +582,6 @@ def tile_row(tile, maps: dict, names, pred: int, conf: float) -> dict:
     return {"full": full, "small": tile.small.permute(1, 2, 0).numpy(), "title": title,
             "wrong": tile.label >= 0 and tile.label != pred,
             "maps": {m: (v, names[t]) for m, (v, t) in maps.items()}}
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
 
 
 def _cli() -> None:

@@ -197,7 +197,8 @@ def plot_tiles(rows: list[dict], path, title: str) -> Path:
     """
     methods = list(dict.fromkeys(m for r in rows for m in r["maps"]))
     ncol = 2 + 2 * len(methods)
-    side = 2.0 if len(rows) > 1 else max(2.0, min(max(rows[0]["full"].shape[:2]), 1024) / DPI)
+    # 1.5 inches at DPI 150: a 224 px tile at its own resolution; one large file up to 1024 px.
+    side = 1.5 if len(rows) > 1 else max(1.5, min(max(rows[0]["full"].shape[:2]), 1024) / DPI)
     fig, axes = plt.subplots(len(rows), ncol, figsize=(side * ncol, (side + 0.55) * len(rows) + 0.4), squeeze=False,
                              layout="constrained")  # keeps the title clear of the first row at any height
     for r, row in enumerate(rows):

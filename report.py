@@ -7,6 +7,7 @@ outputs evaluate.py and train.py's final test write: metrics JSON, MedMNIST's sc
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 from dataclasses import dataclass
@@ -118,3 +119,15 @@ def _nan_to_none(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows (dicts with the same keys) as a CSV file with a header, replaced atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)

@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from data import SIZES, TASKS, DataError, dataset_choices, load_data, parse_split_sizes
+from data import BINARY, SIZES, TASKS, DataError, dataset_choices, load_data, parse_split_sizes
 from figures import plot_training_curves
 from model import MODELS, CheckpointError, build_model, count_flops, read_checkpoint, save_checkpoint
-from report import score_checkpoint, write_report
+from report import score_checkpoint, write_csv, write_report
 from runtime import (AMP_CHOICES, amp_dtype, autocast, distributed, exit_on_interrupt, exit_with_one_line,
                      from_rank0, parse_args, precision_name, set_seed)
 from training import (Recipe, make_ema, make_optimizer, make_scheduler, resume_schedule, seed_epoch, step_schedule,
@@ -52,7 +52,7 @@ class TrainConfig(Recipe):
     pretrained: bool = field(default=False, metadata={"help": "start resnet50 from ImageNet weights (downloads them)"})
     epochs: int = field(default=25, metadata={"min": 1, "help": "maximum epochs (the seed's 25)"})
     patience: int = field(default=6, metadata={"min": 1, "help": "early stopping: epochs without validation improvement"})
-    monitor: str = field(default="acc", metadata={"help": "validation metric that selects best.pt", "choices": ("acc", "auc")})
+    monitor: str = field(default="auto", metadata={"help": "validation metric that selects best.pt and stops early; auto: AUC for a binary task (--task tumor: a model that calls everything non-cancer already scores 0.83 accuracy on the 718 real test images, so accuracy cannot tell a learning model from it), accuracy otherwise", "choices": ("auto", "acc", "auc")})
     seed: int = field(default=0, metadata={"min": 0, "help": "seeds weights, data order, augmentation and synthetic data"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ... (under torchrun: cuda:LOCAL_RANK)"})
     tta: bool = field(default=False, metadata={"help": "final test with test-time augmentation (mean over the 8 flips/rotations)"})
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> Path:
         log = print if rank == 0 else _silent
         # Data: train and validation only; the test split is not read until training is over.
         data, train, val = load_train_val(cfg, device, world, log)
+        monitor = cfg.monitor if cfg.monitor != "auto" else "auc" if data.task == BINARY else "acc"
 
         # Model, optimiser, schedule; a resumed run's state. All checked before anything is written.
         net, optimizer, scheduler, mixed, scaler = build_training(cfg, data, device, pretrained=not resume_ckpt, log=log)
@@ -98,14 +99,14 @@ def main(argv: list[str] | None = None) -> Path:
         run_dir, rows = open_run_folder(cfg, rank, resume_ckpt)
         with exit_on_interrupt(lambda: _resume_hint(run_dir), quiet=rank != 0):
             if resume_ckpt:
-                log(f"resumed {run_dir} after epoch {resume_ckpt['epoch']} (best val {cfg.monitor} {best:.4f})")
+                log(f"resumed {run_dir} after epoch {resume_ckpt['epoch']} (best val {monitor} {best:.4f})")
             model = net
             if torch.distributed.is_initialized():  # torchrun: gradients averaged over all processes at every step
                 model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
             for epoch in range(start, cfg.epochs + 1):
                 if stale >= cfg.patience:
-                    log(f"early stop: validation {cfg.monitor} has not improved for {stale} epochs")
+                    log(f"early stop: validation {monitor} has not improved for {stale} epochs")
                     break
                 order, generator = seed_epoch(cfg.seed, epoch, len(train), rank, world)
                 tr = train_one_epoch(model, train, order, optimizer, scaler, mixed, generator, cfg,
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> Path:
                                              f"keeps the last good epoch: resume with a lower --lr, or without --amp")
                 rows.append(epoch_row(epoch, tr, va, optimizer))  # with the rate this epoch trained at
                 step_schedule(scheduler, trained_loss)
-                score = va[cfg.monitor] if math.isfinite(va[cfg.monitor]) else -math.inf  # AUC is NaN if a class is absent
+                score = va[monitor] if math.isfinite(va[monitor]) else -math.inf  # AUC is NaN if a class is absent
                 improved = score > best or epoch == 1
                 best, stale = (score, 0) if improved else (best, stale + 1)
                 if rank == 0:
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> Path:
             if rank == 0:
                 plot_training_curves(rows, run_dir / "images" / "training_curves.png", f"{cfg.model} on {data.source}")
                 # The one look at the test split: the checkpoint selected on validation.
-                print(f"best checkpoint (val {cfg.monitor} {best:.4f}) on the test split:")
+                print(f"best checkpoint (val {monitor} {best:.4f}) on the test split:")
                 checkpoint = str(run_dir / "best.pt")
                 scored = score_checkpoint(checkpoint, "test", cfg.eval_batch_size, cfg.amp, str(device), tta=cfg.tta)
                 write_report(scored, run_dir, "", {"checkpoint": checkpoint, "split": "test", "amp": cfg.amp, "tta": cfg.tta,
@@ -259,7 +260,7 @@ def open_run_folder(cfg: TrainConfig, rank: int, resumed: dict | None) -> tuple[
 def save_epoch(run_dir: Path, rows: list[dict], state: dict, improved: bool) -> None:
     """metrics.csv, last.pt and, when validation improved, best.pt: each replaced atomically, in
     this order, so a kill between two of them leaves nothing that --resume cannot repair."""
-    _write_metrics(run_dir / "metrics.csv", rows)  # a resume drops rows past last.pt's epoch
+    write_csv(run_dir / "metrics.csv", rows)  # a resume drops rows past last.pt's epoch
     save_checkpoint(run_dir / "last.pt", state)
     if improved:
         save_checkpoint(run_dir / "best.pt", state)  # a resume re-copies it when killed before this
@@ -308,15 +309,6 @@ def _point_latest(run_dir: Path) -> None:
 def _write_text(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _write_metrics(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
     tmp.replace(path)
 
 

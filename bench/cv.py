@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import baseline
-from data import Data, Split, load_data, save_npz
+from data import BINARY, Data, Split, load_data, save_npz
 from metrics import compute_metrics
 from model import build_model, predict
 from runtime import amp_dtype, autocast, set_seed
@@ -81,7 +81,8 @@ def fit_ours(data: Data, recipe: Recipe, seed: int, epochs: int, patience: int) 
         va = validate(kept, val, data, recipe, device)
         # The plateau rule watches the trained weights: the average's loss lags behind them.
         step_schedule(scheduler, va["loss"] if kept is net else validate(net, val, data, recipe, device)["loss"])
-        best, best_state, stale = ((va["acc"], copy.deepcopy(kept.state_dict()), 0) if va["acc"] > best
+        score = va["auc"] if data.task == BINARY else va["acc"]  # train.py's --monitor auto
+        best, best_state, stale = ((score, copy.deepcopy(kept.state_dict()), 0) if score > best
                                    else (best, best_state, stale + 1))
         if stale >= patience:
             break
