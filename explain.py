@@ -6,6 +6,9 @@
     python explain.py --checkpoint RUN/best.pt --trust --trust-n 256    # ... and can the maps be trusted?
     python explain.py --checkpoint RUN/best.pt --shard 2/4               # this process: the 2nd of 4 slices
     python explain.py --db all.db --merge-from shard1.db,shard2.db       # copy shard files into one
+    python explain.py --checkpoint RUN/best.pt --report report.html      # ... then one HTML page of it all
+    python explain.py --checkpoint RUN/best.pt --images tiles/ a.tif     # your own files, at their resolution
+    torchrun --nproc_per_node 4 explain.py --checkpoint RUN/best.pt      # 4 processes, one database
 
 Every map goes into the database (--db) keyed by checkpoint hash, method settings, sample (the data
 file's name and content hash, split, index) and target class; a rerun skips what is already there,
@@ -16,6 +19,9 @@ database into images/ next to the checkpoint.
 processes or machines share the work, writing one database (concurrent writers are safe) or one file
 each, joined with --merge-from. Figures and --trust need the whole selection: run once more without
 --shard, which finds every map stored and only draws and measures.
+
+--images explains image files instead of a split (tiles.py: MedMNIST's resize), stores them keyed
+by content hash, prints and writes predictions.csv and draws each at its own resolution.
 
 --trust then measures whether the stored maps reflect the model (trust.METRICS: IG completeness,
 the cascading parameter-randomisation sanity check, deletion and insertion, localisation against
