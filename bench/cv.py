@@ -172,7 +172,9 @@ def run(real: Path, variants: dict[str, Recipe], k: int = 5, seeds: int = 3, epo
                                                        else variants[name].amp, data.task, data.num_classes))
                     seconds[name] += time.perf_counter() - t0
                     r = results[name][-1]
-                    print(f"seed {s} fold {f} {name:14s} acc {r['acc']:.3f}" +
+                    print(f"seed {s} fold {f} {name:14s} acc {r['acc']:.3f} auc {r['auc']:.3f}" +
+                          (f" sensitivity {r['sensitivity']:.3f} specificity {r['specificity']:.3f}"
+                           if "sensitivity" in r else "") +
                           (f" hed@centre {r['hed_centre']:.3f} shift-mean {r['shift_mean']:.3f}" if "hed_centre" in r
                            else ""), flush=True)
     return {"results": results, "seconds": seconds, "n": len(labels), "k": k, "seeds": seeds, "task": task}
