@@ -93,7 +93,20 @@ def top_label(scores, task: str) -> tuple[np.ndarray, np.ndarray]:
     return pred, probs[np.arange(len(probs)), pred]
 
 
-def compute_metrics(y_true, scores, task: str, class_names: list[str], n_bins: int = 15) -> dict:
+def youden_threshold(y_true, p_positive) -> float:
+    """The threshold on the positive class's probability that maximises sensitivity + specificity
+    (Youden's J) on these labels: midway between neighbouring scores, 0.5 if a class is absent."""
+    y, p = as_label_vector(y_true).astype(bool), np.asarray(p_positive, np.float64)
+    if y.all() or not y.any():
+        return THRESHOLD
+    cuts = np.unique(p)
+    cuts = np.concatenate([[cuts[0] - 1e-9], (cuts[:-1] + cuts[1:]) / 2, [cuts[-1] + 1e-9]])
+    j = [(p[y] > t).mean() + (p[~y] <= t).mean() for t in cuts]
+    return float(cuts[int(np.argmax(j))])
+
+
+def compute_metrics(y_true, scores, task: str, class_names: list[str], n_bins: int = 15,
+                    threshold: float | None = None) -> dict:
     """All metrics as a plain dict; "acc"/"auc" equal medmnist's getACC/getAUC for every task.
 
     task is INFO[flag]["task"]. scores are probabilities (softmax, or sigmoid for multi-label).
@@ -125,8 +138,12 @@ def compute_metrics(y_true, scores, task: str, class_names: list[str], n_bins: i
         for c, name in enumerate(class_names)
     }
     binary = {}
-    if task == BINARY:  # the positive class (last column) at MedMNIST's threshold
+    if task == BINARY:  # the positive class (last column) at MedMNIST's threshold, and at `threshold`
         binary = {"sensitivity": float(recall[-1]), "specificity": float(recall[0]), "threshold": THRESHOLD}
+        if threshold is not None:
+            at = probs[:, -1] > threshold
+            binary["operating_point"] = {"threshold": float(threshold), "sensitivity": float(at[y == 1].mean()),
+                                         "specificity": float((~at[y == 0]).mean())}
     return {
         "acc": float(correct.mean()),
         "auc": auc,
@@ -151,6 +168,10 @@ def print_report(metrics: dict, class_names: list[str]) -> None:
     if "sensitivity" in metrics:
         head += (f"  sensitivity {metrics['sensitivity']:.4f}  specificity {metrics['specificity']:.4f}"
                  f" (threshold {metrics['threshold']})")
+        if "operating_point" in metrics:
+            op = metrics["operating_point"]
+            head += (f"; at the threshold chosen on validation ({op['threshold']:.3f}): sensitivity "
+                     f"{op['sensitivity']:.4f}  specificity {op['specificity']:.4f}")
     print(head)
     width = max(len(name) for name in class_names)
     if "ece" in metrics:

@@ -7,6 +7,7 @@ outputs evaluate.py and train.py's final test write: metrics JSON, MedMNIST's sc
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -16,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import BINARY, MULTI_LABEL, data_for_run, load_data, medmnist_info
+from data import BINARY, MULTI_LABEL, DataError, data_for_run, load_data, medmnist_info
 from figures import plot_confusion_matrix, plot_roc_curves, plot_samples
-from metrics import as_label_vector, compute_metrics, print_report, top_label
+from metrics import as_label_vector, compute_metrics, print_report, top_label, youden_threshold
 from model import load_checkpoint, predict
 from runtime import amp_dtype, precision_name, resolve_device
 from scores import ScoresFileError, read_scores_csv, write_scores_csv
@@ -40,6 +41,7 @@ class Scored:
     split: str = "test"
     precision: str = ""  # the model's inference precision; empty for a score file
     model: torch.nn.Module | None = None  # the model that scored them; None for a score file
+    threshold: float | None = None  # binary tasks: the operating point chosen on the validation split
 
 
 def score_checkpoint(checkpoint: str, split: str, batch_size: int, amp: str, device: str,
@@ -51,11 +53,17 @@ def score_checkpoint(checkpoint: str, split: str, batch_size: int, amp: str, dev
     data = data_for_run(train_cfg, (split,), data_dir, checkpoint)
     images, labels = data.splits[split].images, data.splits[split].labels.numpy()
     scores = predict(model, images, batch_size, device, data.task, amp, tta=tta)
+    threshold = None
+    if data.task == BINARY and split != "val":  # an operating point chosen on validation, where there is one
+        with contextlib.suppress(DataError):
+            val = data_for_run(train_cfg, ("val",), data_dir, checkpoint).splits["val"]
+            threshold = youden_threshold(val.labels.numpy(),
+                                         predict(model, val.images, batch_size, device, data.task, amp, tta=tta)[:, -1])
     return Scored(data.flag, data.size, data.task, data.class_names, labels, scores, images,
                   f"{checkpoint} on {data.source}", default_out=Path(checkpoint).resolve().parent,
                   name=data.name, split=split,
                   precision=f"{precision_name(amp_dtype(amp, device))} (--amp {amp})" + (", 8-fold TTA" if tta else ""),
-                  model=model)
+                  model=model, threshold=threshold)
 
 
 def score_file(path: str, split: str, dataset: str, size: int, data_dir: str) -> Scored:
@@ -84,7 +92,7 @@ def score_file(path: str, split: str, dataset: str, size: int, data_dir: str) ->
 def write_report(ev: Scored, out: Path, run: str, config: dict) -> dict:
     """Print the metrics, then write {split}_metrics.json, MedMNIST's score file and the figures
     into `out`; returns the metrics."""
-    metrics = compute_metrics(ev.labels, ev.scores, ev.task, ev.class_names)
+    metrics = compute_metrics(ev.labels, ev.scores, ev.task, ev.class_names, threshold=ev.threshold)
     print(f"{ev.split} split of {ev.name}: {ev.source}" + (f", {ev.precision}" if ev.precision else ""))
     print_report(metrics, ev.class_names)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import baseline
 from data import BINARY, Data, Split, load_data, save_npz
-from metrics import compute_metrics
+from metrics import compute_metrics, youden_threshold
 from model import build_model, predict
 from runtime import amp_dtype, autocast, set_seed
 from stain import CENTRE_LEVEL, LEVELS, perturb
@@ -126,18 +126,23 @@ def colour_baseline(train: Split, test: Split) -> np.ndarray:
     return clf.predict_proba(colour_features(test.images))
 
 
-def scores_of(net, test: Split, amp: str, task: str = "multi-class", k: int = 9) -> dict:
+def scores_of(net, test: Split, amp: str, task: str = "multi-class", k: int = 9, val: Split | None = None) -> dict:
     """Accuracy (plain and with 8-fold TTA), AUC, per-class recall (and for a binary task the
     sensitivity and specificity); accuracy under the calibrated HED change and the mean over every
     perturbation and level (the ImageNet-C-style summary)."""
     probs = predict(net, test.images, 256, "cpu", task, amp)
-    m = compute_metrics(test.labels.numpy(), probs, task, list(map(str, range(k))))
+    threshold = None  # binary: the operating point chosen on the validation part, as report.py does
+    if task == BINARY and val is not None:
+        threshold = youden_threshold(val.labels.numpy(), predict(net, val.images, 256, "cpu", task, amp)[:, -1])
+    m = compute_metrics(test.labels.numpy(), probs, task, list(map(str, range(k))), threshold=threshold)
     shifted = {(name, level): float((predict(net, perturb(test.images, name, level), 256, "cpu", task, amp)
                                      .argmax(1) == test.labels.numpy()).mean())
                for name in LEVELS for level in range(1, 6)}
     tta = predict(net, test.images, 256, "cpu", task, amp, tta=True)
     return {"acc": m["acc"], "auc": m["auc"], "recall": [m["per_class"][str(c)]["recall"] for c in range(k)],
             **{key: m[key] for key in ("sensitivity", "specificity") if key in m},
+            **({f"{key}_val_threshold": m["operating_point"][key] for key in ("sensitivity", "specificity")}
+               if "operating_point" in m else {}),
             "acc_tta": float((tta.argmax(1) == test.labels.numpy()).mean()),
             "hed_centre": shifted["hed", CENTRE_LEVEL], "shift_mean": float(np.mean(list(shifted.values())))}
 
@@ -169,11 +174,13 @@ def run(real: Path, variants: dict[str, Recipe], k: int = 5, seeds: int = 3, epo
                         net = (fit_seed(fold, Path(tmp), s, epochs, patience) if name == "seed" else
                                fit_ours(fold, variants[name], s, epochs, patience))
                         results[name].append(scores_of(net, fold.splits["test"], "off" if name == "seed"
-                                                       else variants[name].amp, data.task, data.num_classes))
+                                                       else variants[name].amp, data.task, data.num_classes,
+                                                       fold.splits["val"]))
                     seconds[name] += time.perf_counter() - t0
                     r = results[name][-1]
                     print(f"seed {s} fold {f} {name:14s} acc {r['acc']:.3f} auc {r['auc']:.3f}" +
-                          (f" sensitivity {r['sensitivity']:.3f} specificity {r['specificity']:.3f}"
+                          (f" sensitivity {r['sensitivity']:.3f} specificity {r['specificity']:.3f} (at the validation "
+                           f"threshold {r['sensitivity_val_threshold']:.3f}, {r['specificity_val_threshold']:.3f})"
                            if "sensitivity" in r else "") +
                           (f" hed@centre {r['hed_centre']:.3f} shift-mean {r['shift_mean']:.3f}" if "hed_centre" in r
                            else ""), flush=True)
@@ -211,7 +218,8 @@ def report(out: dict) -> None:
         if "sensitivity" in runs[0]:
             stat = lambda key: f"{np.mean([r[key] for r in runs]):.3f} ± {np.std([r[key] for r in runs], ddof=1):.3f}"
             print(f"  {name:14s} sensitivity {stat('sensitivity')}, specificity {stat('specificity')} "
-                  "(cancer = adenocarcinoma epithelium, at MedMNIST's 0.5 threshold)")
+                  "(cancer = adenocarcinoma epithelium, at MedMNIST's 0.5 threshold); at the threshold chosen on "
+                  f"validation: {stat('sensitivity_val_threshold')}, {stat('specificity_val_threshold')}")
 
 
 def parse_variants(text: str, base: Recipe) -> dict[str, Recipe]:

@@ -11,7 +11,7 @@ import data as D
 import explain as X
 import train
 from db import ExplanationDB
-from metrics import compute_metrics
+from metrics import compute_metrics, youden_threshold
 from model import load_checkpoint, predict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,6 +46,22 @@ def test_binary_metrics_match_sklearn():
     assert m["auc"] == pytest.approx(roc_auc_score(y, p1)) and m["threshold"] == 0.5
 
 
+def test_validation_threshold_maximises_youden_and_is_applied():
+    """youden_threshold against a brute force over every cut; the operating point uses it."""
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 200)
+    p1 = np.clip(0.2 * y + 0.3 * rng.random(200), 0, 1)  # every score below 0.5: the 0.5 rule finds no cancer
+    t = youden_threshold(y, p1)
+    j = lambda c: (p1[y == 1] > c).mean() + (p1[y == 0] <= c).mean()
+    assert j(t) == pytest.approx(max(j(c) for c in np.unique(p1)), abs=1e-12)  # no cut does better
+    m = compute_metrics(y, np.stack([1 - p1, p1], 1), D.BINARY, D.TUMOR_NAMES, threshold=t)
+    assert m["sensitivity"] == 0.0 and m["specificity"] == 1.0
+    op = m["operating_point"]
+    assert op["sensitivity"] == pytest.approx(recall_score(y, p1 > t)) and op["threshold"] == t
+    assert op["specificity"] == pytest.approx(recall_score(y, p1 > t, pos_label=0)) and op["sensitivity"] > 0.5
+    assert youden_threshold(np.ones(5, int), p1[:5]) == 0.5  # one class only: MedMNIST's rule
+
+
 def test_train_evaluate_and_explain_the_cancer_logit(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     run = train.main(["--dataset", "synthetic", "--synthetic-sizes", "96,48,48", "--task", "tumor", "--epochs", "1",
@@ -60,6 +76,10 @@ def test_train_evaluate_and_explain_the_cancer_logit(tmp_path, monkeypatch, caps
     m = m.get("metrics", m)
     assert m["sensitivity"] == pytest.approx(recall_score(y, pred, pos_label=1, zero_division=0))
     assert m["specificity"] == pytest.approx(recall_score(y, pred, pos_label=0, zero_division=0))
+    val = D.load_data("synthetic", 28, splits=("val",), synthetic_sizes=(96, 48, 48), task="tumor").splits["val"]
+    t = youden_threshold(val.labels.numpy(), predict(net, val.images, 64, "cpu", D.BINARY)[:, 1])
+    assert m["operating_point"]["threshold"] == pytest.approx(t)  # chosen on validation, applied to test
+    assert m["operating_point"]["sensitivity"] == pytest.approx(float((scores[y == 1, 1] > t).mean()))
     X.main(["--checkpoint", str(run / "best.pt"), "--db", str(tmp_path / "x.db"), "--device", "cpu", "--n", "12",
             "--methods", "gradcam", "--no-figures"])
     with ExplanationDB(tmp_path / "x.db") as d:
