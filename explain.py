@@ -499,11 +499,11 @@ def explain_images(cfg: ExplainConfig, model, mcfg: dict, arch: dict, device, ra
                 tiles.append(tile)
             if not tiles:
                 continue
-            scores = predict(model, torch.stack([t.small for t in tiles]), 128, device, task)
+            x = torch.stack([t.small for t in tiles])
+            scores = predict(model, x, 128, device, task)
             pred, conf = scores.argmax(1), scores.max(1)
             new = [i for i, t in enumerate(tiles) if first.setdefault(t.sha256, t.path) == t.path]
             work = file_work(tiles, new, np.array(sample_ids), pred, conf, rule)
-            x = torch.stack([t.small for t in tiles])
             stored = {}
             for method, sid in settings.items():
                 written[method] += explain(db, fast, layer, x, work, method, cfg, device, sid,

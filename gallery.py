@@ -97,13 +97,14 @@ def report_html(db, model_id: int, dataset: str, size: int, split: str, images: 
     order = sorted(cards)  # the atlas position of each card: by image index, then target
     rgb = images.permute(0, 2, 3, 1).numpy()
     rgb = np.repeat(rgb, 3, -1) if rgb.shape[-1] == 1 else rgb
+    rgb = rgb[[i for i, _ in order]]  # one tile per card, in atlas order
     columns = max(1, min(64, math.ceil(math.sqrt(len(order)))))
-    sheets = {"image": data_uri(atlas(rgb[[i for i, _ in order]], columns), "PNG")}
+    sheets = {"image": data_uri(atlas(rgb, columns), "PNG")}
     for method, r in settings.items():
         slots = np.array([cards[k]["m"].get(method, {}).get("slot", -1) for k in order])
         maps = np.zeros((len(order),) + r["maps"].shape[1:], np.float32)
         maps[slots >= 0] = r["maps"][slots[slots >= 0]]
-        over = overlays(rgb[[i for i, _ in order]], maps, kinds[method])
+        over = overlays(rgb, maps, kinds[method])
         over[slots < 0] = 255
         sheets[method] = data_uri(atlas(over, columns), "JPEG")
     for pos, key in enumerate(order):

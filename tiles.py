@@ -61,12 +61,13 @@ def find_images(paths) -> tuple[list[Path], list[str]]:
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in EXTENSIONS)
             if not found:
-                problems.append(f"{p}: no {'/'.join(e[1:].upper() for e in EXTENSIONS[:4])} files in this folder")
+                problems.append(f"{p}: no {'/'.join(e[1:].upper() for e in EXTENSIONS[:4])} files in this folder; "
+                                "give a folder that holds image files")
             files += found
         elif p.is_file():
             files.append(p)
         else:
-            problems.append(f"{p}: no such file or folder")
+            problems.append(f"{p}: no such file or folder; check the path")
     seen = set()
     return [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))], problems
 

@@ -74,7 +74,7 @@ def test_find_images_recurses_filters_and_names_missing_paths(tmp_path):
     files, problems = T.find_images([tmp_path / "a", tmp_path / "a" / "notes.txt", tmp_path / "gone.png",
                                      tmp_path / "a" / "x.PNG"])
     assert [f.relative_to(tmp_path).as_posix() for f in files] == ["a/b/y.tif", "a/b/z.jpeg", "a/x.PNG", "a/notes.txt"]
-    assert problems == [f"{tmp_path / 'gone.png'}: no such file or folder"]
+    assert problems == [f"{tmp_path / 'gone.png'}: no such file or folder; check the path"]
 
 
 @pytest.mark.parametrize("name, label", [("TUM-TCGA-AAHIDTWA.jpg", 8), ("CRC-VAL-HE-7K-NORM-TCGA-YLVCMEHK.tif", 6),
