@@ -207,7 +207,8 @@ def plot_tiles(rows: list[dict], path, title: str) -> Path:
         show = lambda ax, img: ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img,
                                          cmap="gray" if img.shape[-1] == 1 else None, interpolation="nearest")
         show(axes[r, 0], full)
-        axes[r, 0].set_title(row["title"], fontsize=7, color="red" if row["wrong"] else "black")
+        title = "\n".join(textwrap.fill(line, 26) for line in row["title"].split("\n"))  # long class names
+        axes[r, 0].set_title(title, fontsize=7, color="red" if row["wrong"] else "black")
         show(axes[r, 1], small)
         axes[r, 1].set_title(f"what the model saw\n({small.shape[0]}x{small.shape[1]})", fontsize=7)
         for j, method in enumerate(methods):
