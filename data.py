@@ -381,6 +381,23 @@ def augment(x: torch.Tensor, generator: torch.Generator, max_degrees: float = 10
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def translate(x: torch.Tensor, generator: torch.Generator, max_shift: int) -> torch.Tensor:
+    """Each image moved by a random whole number of pixels, up to `max_shift` along each axis, its
+    borders filled by reflection: every output pixel is a copy of an input pixel, so nothing is
+    resampled or blurred (random crops of a reflect-padded image, as CIFAR training pads and crops)."""
+    if max_shift <= 0:
+        return x
+    n, c, h, w = x.shape
+    if max_shift >= min(h, w):
+        raise ValueError(f"a shift of {max_shift} px needs images larger than {h}x{w}")
+    offset = (torch.randint(0, 2 * max_shift + 1, (n, 2), generator=generator)).to(x.device)
+    padded = F.pad(x, [max_shift] * 4, mode="reflect")
+    rows = offset[:, 0, None] + torch.arange(h, device=x.device)  # (n, h) rows of the padded image
+    cols = offset[:, 1, None] + torch.arange(w, device=x.device)
+    padded = padded.gather(2, rows[:, None, :, None].expand(n, c, h, padded.shape[3]))
+    return padded.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+
+
 if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser(description="Split a one-split .npz (e.g. the real test subset) into "

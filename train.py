@@ -6,9 +6,10 @@
     python train.py --resume runs/latest                   # continue an interrupted run
     torchrun --nproc_per_node 4 train.py --model resnet50  # 4 GPUs; --batch-size is per GPU
 
-The model is selected on the validation split (early stopping, best checkpoint); the test split is
-read only after training, to report the selected checkpoint once. A run folder holds config.json,
-metrics.csv (a row per epoch), last.pt, best.pt, test metrics and images/.
+best.pt holds the selected weights: by default the last epoch's, where the cosine schedule ends
+(--select last), or the epoch with the best validation metric, with early stopping (--select best).
+The test split is read only after training, to report the selected checkpoint once. A run folder
+holds config.json, metrics.csv (a row per epoch), last.pt, best.pt, test metrics and images/.
 
 Faults: checkpoints are written atomically at the end of each epoch, and every random draw of an
 epoch is seeded from (seed, epoch, rank), so a run killed at any moment (Ctrl-C exits with 130
@@ -51,8 +52,8 @@ class TrainConfig(Recipe):
     model: str = field(default="lightcnn", metadata={"help": "network", "choices": MODELS})
     pretrained: bool = field(default=False, metadata={"help": "start resnet50 from ImageNet weights (downloads them)"})
     epochs: int = field(default=25, metadata={"min": 1, "help": "maximum epochs (the seed's 25)"})
-    patience: int = field(default=6, metadata={"min": 1, "help": "early stopping: epochs without validation improvement"})
-    monitor: str = field(default="auto", metadata={"help": "validation metric that selects best.pt and stops early; auto: AUC for a binary task (--task tumor: a model that calls everything non-cancer already scores 0.83 accuracy on the 718 real test images, so accuracy cannot tell a learning model from it), accuracy otherwise", "choices": ("auto", "acc", "auc")})
+    patience: int = field(default=6, metadata={"min": 1, "help": "with --select best, early stopping after this many epochs without validation improvement"})
+    monitor: str = field(default="auto", metadata={"help": "validation metric that --select best selects best.pt on and stops early on; auto: AUC for a binary task (--task tumor: a model that calls everything non-cancer already scores 0.83 accuracy on the 718 real test images, so accuracy cannot tell a learning model from it), accuracy otherwise", "choices": ("auto", "acc", "auc")})
     seed: int = field(default=0, metadata={"min": 0, "help": "seeds weights, data order, augmentation and synthetic data"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ... (under torchrun: cuda:LOCAL_RANK)"})
     tta: bool = field(default=False, metadata={"help": "final test with test-time augmentation (mean over the 8 flips/rotations)"})
@@ -66,6 +67,8 @@ class TrainConfig(Recipe):
             return f"--amp must be one of {', '.join(AMP_CHOICES)}"
         if parse_split_sizes(self.synthetic_sizes) is None:
             return f"--synthetic-sizes {self.synthetic_sizes!r}: give three positive integers, e.g. 10000,2000,2000"
+        if self.shift >= self.size:
+            return f"--shift {self.shift} must be smaller than the image side (--size {self.size})"
         if self.dataset not in dataset_choices():
             return f"unknown dataset {self.dataset!r}; choose one of {', '.join(dataset_choices())}"
         return None
@@ -86,6 +89,8 @@ def main(argv: list[str] | None = None) -> Path:
         # Data: train and validation only; the test split is not read until training is over.
         data, train, val = load_train_val(cfg, device, world, log)
         monitor = cfg.monitor if cfg.monitor != "auto" else "auc" if data.task == BINARY else "acc"
+        if "patience" in given and cfg.select == "last":
+            log("note: --patience stops early only with --select best; this run keeps its last epoch")
 
         # Model, optimiser, schedule; a resumed run's state. All checked before anything is written.
         net, optimizer, scheduler, mixed, scaler = build_training(cfg, data, device, pretrained=not resume_ckpt, log=log)
@@ -119,7 +124,7 @@ def main(argv: list[str] | None = None) -> Path:
                 rows.append(epoch_row(epoch, tr, va, optimizer))  # with the rate this epoch trained at
                 step_schedule(scheduler, trained_loss)
                 score = va[monitor] if math.isfinite(va[monitor]) else -math.inf  # AUC is NaN if a class is absent
-                improved = score > best or epoch == 1
+                improved = score > best or epoch == 1 or cfg.select == "last"
                 best, stale = (score, 0) if improved else (best, stale + 1)
                 if rank == 0:
                     state = {"model": kept.state_dict(), "optimizer": optimizer.state_dict(),
@@ -135,8 +140,8 @@ def main(argv: list[str] | None = None) -> Path:
 
             if rank == 0:
                 plot_training_curves(rows, run_dir / "images" / "training_curves.png", f"{cfg.model} on {data.source}")
-                # The one look at the test split: the checkpoint selected on validation.
-                print(f"best checkpoint (val {monitor} {best:.4f}) on the test split:")
+                # The one look at the test split: the selected checkpoint.
+                print(f"selected checkpoint (--select {cfg.select}: val {monitor} {best:.4f}) on the test split:")
                 checkpoint = str(run_dir / "best.pt")
                 scored = score_checkpoint(checkpoint, "test", cfg.eval_batch_size, cfg.amp, str(device), tta=cfg.tta)
                 write_report(scored, run_dir, "", {"checkpoint": checkpoint, "split": "test", "amp": cfg.amp, "tta": cfg.tta,
@@ -210,6 +215,8 @@ def resume_config(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, dict]
         saved.setdefault("stain_jitter", 0.0)  # ... and had no stain jitter, weight average or schedule choice
         saved.setdefault("ema", 0.0)
         saved.setdefault("schedule", "plateau")
+        saved.setdefault("select", "best")  # ... and kept their best validation epoch, without shifts
+        saved.setdefault("shift", 0)
         resumed = TrainConfig(**{**saved, **overrides, "resume": cfg.resume, "out": cfg.resume})
         problem = resumed.check()
     except (TypeError, ValueError) as e:

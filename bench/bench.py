@@ -314,7 +314,10 @@ def main() -> None:
     p.add_argument("--n-test", type=int, default=2048, help="test images, for evaluation")
     p.add_argument("--n-ig", type=int, default=64, help="images explained per run and side")
     p.add_argument("--n-store", type=int, default=7180, help="maps written per run and side (the PathMNIST test split)")
-    p.add_argument("--epochs", type=int, default=4, help="accuracy: training epochs per recipe")
+    p.add_argument("--epochs", type=int, default=0, help="accuracy, real: training epochs per recipe (0: 4 for accuracy, "
+                   "40 for real)")
+    p.add_argument("--patience", type=int, default=10, help="real: early stopping after this many epochs without a "
+                   "better validation score")
     p.add_argument("--seeds", type=int, default=3, help="accuracy, real: training seeds")
     p.add_argument("--train", nargs="*", default=[], help="training.Recipe overrides for ours, KEY=VALUE")
     p.add_argument("--variants", default="", help="real: our recipes to compare, 'NAME=KEY=VALUE,KEY=VALUE ...' "
@@ -332,6 +335,7 @@ def main() -> None:
     if set(args.only) - set(SECTIONS):
         p.error(f"--only takes a comma-separated subset of {','.join(SECTIONS)}")
     args.n_train = args.n_train or (4096 if args.mode == "speed" else 10000)
+    args.epochs = args.epochs or (40 if args.mode == "real" else 4)
     if args.quick:
         args.runs, args.n_train, args.n_test, args.n_ig, args.n_store = 1, 1024, 512, 8, 128
         args.epochs, args.seeds = 1, 2
@@ -344,7 +348,8 @@ def main() -> None:
         print(f"machine: {machine()}", flush=True)
         base = Recipe(**parse_sets(args.train, Recipe))
         results = cv.run(Path(args.real), cv.parse_variants(args.variants, base), k=args.folds,
-                         seeds=1 if args.quick else args.seeds, epochs=3 if args.quick else 40,
+                         seeds=1 if args.quick else args.seeds, epochs=3 if args.quick else args.epochs,
+                         patience=args.patience,
                          seed_recipe=not args.no_seed_recipe and args.task == "classes", task=args.task)
         cv.report(results)
     else:

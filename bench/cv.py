@@ -62,8 +62,10 @@ def carve_val(idx: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -
     return np.setdiff1d(idx, val), val
 
 
-def fit_ours(data: Data, recipe: Recipe, seed: int, epochs: int, patience: int) -> torch.nn.Module:
-    """training.py's loop as train.py runs it (validation selects the epoch), on CPU."""
+def fit_ours(data: Data, recipe: Recipe, seed: int, epochs: int, patience: int) -> tuple[torch.nn.Module, dict | None]:
+    """training.py's loop as train.py runs it, on CPU: the recipe's --select keeps the last epoch
+    (all `epochs` run), or the best on validation with early stopping. Returns the kept model and,
+    for select=best, the state of the last epoch trained (to measure what the selection buys)."""
     set_seed(seed)
     device = torch.device("cpu")
     net = build_model("lightcnn", num_classes=data.num_classes).to(memory_format=torch.channels_last)
@@ -82,12 +84,16 @@ def fit_ours(data: Data, recipe: Recipe, seed: int, epochs: int, patience: int) 
         # The plateau rule watches the trained weights: the average's loss lags behind them.
         step_schedule(scheduler, va["loss"] if kept is net else validate(net, val, data, recipe, device)["loss"])
         score = va["auc"] if data.task == BINARY else va["acc"]  # train.py's --monitor auto
-        best, best_state, stale = ((score, copy.deepcopy(kept.state_dict()), 0) if score > best
-                                   else (best, best_state, stale + 1))
-        if stale >= patience:
-            break
+        if recipe.select == "best":
+            best, best_state, stale = ((score, copy.deepcopy(kept.state_dict()), 0) if score > best
+                                       else (best, best_state, stale + 1))
+            if stale >= patience:
+                break
+    if recipe.select == "last":
+        return kept.eval(), None
+    last_state = copy.deepcopy(kept.state_dict())
     kept.load_state_dict(best_state)
-    return kept.eval()
+    return kept.eval(), last_state
 
 
 def fit_seed(data: Data, root: Path, seed: int, epochs: int, patience: int) -> torch.nn.Module:
@@ -147,6 +153,12 @@ def scores_of(net, test: Split, amp: str, task: str = "multi-class", k: int = 9,
             "hed_centre": shifted["hed", CENTRE_LEVEL], "shift_mean": float(np.mean(list(shifted.values())))}
 
 
+def last_epoch_scores(net, test: Split, amp: str, task: str) -> dict:
+    """Accuracy, plain and under the calibrated HED change, of a model (the last epoch's)."""
+    acc = lambda images: float((predict(net, images, 256, "cpu", task, amp).argmax(1) == test.labels.numpy()).mean())
+    return {"acc_last": acc(test.images), "hed_centre_last": acc(perturb(test.images, "hed", CENTRE_LEVEL))}
+
+
 def run(real: Path, variants: dict[str, Recipe], k: int = 5, seeds: int = 3, epochs: int = 40,
         patience: int = 10, seed_recipe: bool = True, task: str = "classes") -> dict:
     """Every variant (and the seed's recipe) on every (seed, fold); returns per-run results. The
@@ -171,11 +183,14 @@ def run(real: Path, variants: dict[str, Recipe], k: int = 5, seeds: int = 3, epo
                         results[name].append({"acc": acc, "auc": compute_metrics(labels[test_idx], probs, data.task,
                                                                                  list(map(str, range(data.num_classes))))["auc"]})
                     else:
-                        net = (fit_seed(fold, Path(tmp), s, epochs, patience) if name == "seed" else
-                               fit_ours(fold, variants[name], s, epochs, patience))
-                        results[name].append(scores_of(net, fold.splits["test"], "off" if name == "seed"
-                                                       else variants[name].amp, data.task, data.num_classes,
+                        net, last = ((fit_seed(fold, Path(tmp), s, epochs, patience), None) if name == "seed" else
+                                     fit_ours(fold, variants[name], s, epochs, patience))
+                        amp = "off" if name == "seed" else variants[name].amp
+                        results[name].append(scores_of(net, fold.splits["test"], amp, data.task, data.num_classes,
                                                        fold.splits["val"]))
+                        if last is not None:  # the last epoch's weights instead of the selected ones
+                            net.load_state_dict(last)
+                            results[name][-1] |= last_epoch_scores(net, fold.splits["test"], amp, data.task)
                     seconds[name] += time.perf_counter() - t0
                     r = results[name][-1]
                     print(f"seed {s} fold {f} {name:14s} acc {r['acc']:.3f} auc {r['auc']:.3f}" +
@@ -183,6 +198,8 @@ def run(real: Path, variants: dict[str, Recipe], k: int = 5, seeds: int = 3, epo
                            f"threshold {r['sensitivity_val_threshold']:.3f}, {r['specificity_val_threshold']:.3f})"
                            if "sensitivity" in r else "") +
                           (f" hed@centre {r['hed_centre']:.3f} shift-mean {r['shift_mean']:.3f}" if "hed_centre" in r
+                           else "") +
+                          (f" last epoch: acc {r['acc_last']:.3f} hed@centre {r['hed_centre_last']:.3f}" if "acc_last" in r
                            else ""), flush=True)
     return {"results": results, "seconds": seconds, "n": len(labels), "k": k, "seeds": seeds, "task": task}
 
@@ -214,6 +231,11 @@ def report(out: dict) -> None:
     for name, runs in res.items():
         if "recall" in runs[0]:
             print(f"  {name:14s} " + " ".join(f"{v:.2f}" for v in np.mean([r["recall"] for r in runs], 0)))
+    for name, runs in res.items():
+        if "acc_last" in runs[0]:  # --select best: what keeping the last epoch would have given
+            print(f"  {name:14s} the last epoch instead of the selected one: acc "
+                  f"{np.mean([r['acc_last'] for r in runs]):.3f}, HED at another centre "
+                  f"{np.mean([r['hed_centre_last'] for r in runs]):.3f}")
     for name, runs in res.items():
         if "sensitivity" in runs[0]:
             stat = lambda key: f"{np.mean([r[key] for r in runs]):.3f} ± {np.std([r[key] for r in runs], ddof=1):.3f}"

@@ -92,6 +92,25 @@ def test_exact_flips_are_pixel_permutations(tiles):
     assert len(seen) >= 5  # several different transforms drawn
 
 
+def test_translation_copies_pixels_of_the_reflected_image_and_is_deterministic(tiles):
+    """data.translate: each image is a window of its reflect-padded self at an offset within the
+    shift, bit for bit (no resampling); same generator, same offsets; shift 0 is the identity."""
+    x = D.normalize(tiles)
+    assert D.translate(x, torch.Generator(), 0) is x
+    out = D.translate(x, torch.Generator().manual_seed(3), 2)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.equal(out, D.translate(x, torch.Generator().manual_seed(3), 2))
+    padded = torch.nn.functional.pad(x, [2] * 4, mode="reflect")
+    offsets = set()
+    for i in range(len(x)):
+        hits = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(out[i], padded[i, :, dy:dy + 28, dx:dx + 28])]
+        assert hits, i
+        offsets.add(hits[0])
+    assert len(offsets) >= 6  # the offsets vary between images
+    with pytest.raises(ValueError, match="larger than 28x28"):
+        D.translate(x, torch.Generator(), 28)
+
+
 class Invariant(torch.nn.Module):
     """Logits from per-pixel features averaged over the image: invariant to flips and rotations."""
 

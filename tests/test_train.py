@@ -226,9 +226,11 @@ def test_resume_of_a_run_from_before_amp_auto(events, tmp_path):
     run = fit(tmp_path / "run", "--epochs", "1", "--amp", "off")
     state = read_checkpoint(run / "last.pt")
     state["config"]["amp"] = False
+    del state["config"]["select"], state["config"]["shift"]  # nor did they have --select and --shift
     save_checkpoint(run / "last.pt", state)
     train.main(["--resume", str(run), "--epochs", "2", "--device", "cpu"])
     assert load(run / "last.pt")["config"]["amp"] == "off"
+    assert (load(run / "last.pt")["config"]["select"], load(run / "last.pt")["config"]["shift"]) == ("best", 0)
     assert json.loads((run / "config.json").read_text())["amp"] == "off"
 
 
@@ -251,7 +253,7 @@ def test_resume_honours_a_lower_lr(events, tmp_path):
 def test_best_checkpoint_tracks_validation(monkeypatch, events, tmp_path, accs, best_epoch):
     if accs is not None:
         script_val_acc(monkeypatch, accs)
-    run = fit(tmp_path / "run", "--epochs", "3")
+    run = fit(tmp_path / "run", "--epochs", "3", "--select", "best")
     _, rows = read_rows(run)
     val = [r["val_acc"] for r in rows]
     assert len(val) == 3 and (accs is None or val == accs)
@@ -267,9 +269,23 @@ def test_best_checkpoint_tracks_validation(monkeypatch, events, tmp_path, accs, 
     assert_accuracy(record["acc"], logits, labels)
 
 
+def test_select_last_keeps_the_end_of_the_schedule_and_never_stops_early(monkeypatch, events, tmp_path, capsys):
+    """The default: validation falls after epoch 1, yet all epochs run and best.pt is the last one."""
+    script_val_acc(monkeypatch, [0.5, 0.4, 0.3, 0.2])
+    run = fit(tmp_path / "run", "--epochs", "4", "--patience", "1")
+    assert "note: --patience stops early only with --select best" in capsys.readouterr().out
+    assert [r["epoch"] for r in read_rows(run)[1]] == [1, 2, 3, 4]
+    best, last = load(run / "best.pt"), load(run / "last.pt")
+    assert best["epoch"] == last["epoch"] == 4 and best["best_metric"] == 0.2 and last["stale_epochs"] == 0
+    assert_same_tensors(best["model"], last["model"])
+    record = json.loads((run / "test_metrics.json").read_text())
+    logits, labels = logits_on(run / "best.pt", "test")
+    assert_accuracy(record["acc"], logits, labels)
+
+
 def test_early_stopping_and_resume_after_it(monkeypatch, events, tmp_path):
     script_val_acc(monkeypatch, [0.5, 0.4, 0.4, 0.4, 0.4])
-    run = fit(tmp_path / "run", "--epochs", "5", "--patience", "2")
+    run = fit(tmp_path / "run", "--epochs", "5", "--patience", "2", "--select", "best")
     assert [r["epoch"] for r in read_rows(run)[1]] == [1, 2, 3]
     last = load(run / "last.pt")
     assert last["epoch"] == 3 and last["stale_epochs"] == 2 and load(run / "best.pt")["epoch"] == 1
@@ -294,6 +310,8 @@ def test_early_stopping_and_resume_after_it(monkeypatch, events, tmp_path):
     (["--patience", "0"], "--patience must be at least 1, got 0"),
     (["--weight-decay=-1e-4"], "--weight-decay must be at least 0, got -0.0001"),
     (["--monitor", "loss"], "invalid choice: 'loss'"),
+    (["--shift", "28"], "--shift 28 must be smaller than the image side (--size 28)"),
+    (["--select", "first"], "invalid choice: 'first'"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
 ])
 def test_bad_command_line_is_an_argparse_error(events, tmp_path, capsys, argv, message):
