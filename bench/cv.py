@@ -2,12 +2,15 @@
 test-split images in ../shared/data, our recipe and the first seed's side by side on the same folds.
 
     python bench/bench.py real                         # 5 folds x 3 seeds, ours (defaults) vs the seed's
-    python bench/bench.py real --set batch_size=64     # ours with other training.Recipe values
+    python bench/bench.py real --train batch_size=64   # ours with other training.Recipe values
     python bench/bench.py real --variants "old=rotate=10 flips=rotate=0 flips+hed=rotate=0,stain_jitter=0.3"
+    python bench/bench.py real --train select=best --patience 40   # also scores each run's last epoch
 
-Each held-out fold is read once, by the model selected on a validation part carved (stratified, 20%)
-from the other folds; both recipes train LightCNN with the same epoch budget and early-stopping
-rule on that validation part. Printed: mean +- std accuracy and AUC, per-class recall, accuracy
+Each held-out fold is read once, by the model each recipe keeps; validation is a part carved
+(stratified, 20%) from the other folds. Both recipes train LightCNN with the same epoch budget
+(--epochs, 40); the seed's keeps its best validation epoch and stops after --patience (10) epochs
+without improvement, as the seed did, ours follows its Recipe.select (by default: the last epoch).
+Printed: mean +- std accuracy and AUC, per-class recall, accuracy
 under the HED stain change calibrated as another centre (stain.CENTRE_LEVEL) and the mean over every
 perturbation and level, the paired difference to the seed's recipe with a 95% t-interval over the
 fold x seed pairs (folds share training images, so the interval is optimistic), a colour-only
