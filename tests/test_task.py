@@ -66,7 +66,7 @@ def test_train_evaluate_and_explain_the_cancer_logit(tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     run = train.main(["--dataset", "synthetic", "--synthetic-sizes", "96,48,48", "--task", "tumor", "--epochs", "1",
                       "--batch-size", "32", "--device", "cpu", "--amp", "off", "--out", str(tmp_path / "run")])
-    assert "best checkpoint (val auc" in capsys.readouterr().out  # --monitor auto: AUC for a binary task
+    assert "selected checkpoint (--select last: val auc" in capsys.readouterr().out  # --monitor auto: AUC for a binary task
     net, cfg, ckpt = load_checkpoint(run / "best.pt")
     assert cfg["task"] == "tumor" and ckpt["arch"]["task"] == D.BINARY and ckpt["arch"]["num_classes"] == 2
     test = D.load_data("synthetic", 28, splits=("test",), synthetic_sizes=(96, 48, 48), task="tumor").splits["test"]
