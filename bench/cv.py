@@ -86,8 +86,8 @@ def fit_ours(data: Data, recipe: Recipe, seed: int, epochs: int, patience: int) 
         va = validate(kept, val, data, recipe, device)
         # The plateau rule watches the trained weights: the average's loss lags behind them.
         step_schedule(scheduler, va["loss"] if kept is net else validate(net, val, data, recipe, device)["loss"])
-        score = va["auc"] if data.task == BINARY else va["acc"]  # train.py's --monitor auto
         if recipe.select == "best":
+            score = va["auc"] if data.task == BINARY else va["acc"]  # train.py's --monitor auto
             best, best_state, stale = ((score, copy.deepcopy(kept.state_dict()), 0) if score > best
                                        else (best, best_state, stale + 1))
             if stale >= patience:
