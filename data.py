@@ -160,14 +160,17 @@ def download(flag: str, size: int, data_dir: str | os.PathLike) -> Path:
 
 def load_data(dataset: str = "pathmnist", size: int = 28, data_dir: str | os.PathLike = "data",
               splits: tuple[str, ...] = SPLITS, seed: int = 0, download_missing: bool = True,
-              synthetic_sizes: tuple[int, int, int] = (10000, 2000, 2000), task: str = "classes") -> Data:
+              synthetic_sizes: tuple[int, int, int] = (10000, 2000, 2000), task: str = "classes",
+              remedies: Remedies | None = None) -> Data:
     """Load the requested splits of a MedMNIST flag or of the synthetic data set, labelled for
     `task` (TASKS; as_task).
 
     `data_dir` is a folder (files named as MedMNIST names them) or one .npz file in the same layout,
-    such as a subset holding only `test_images`/`test_labels`.
+    such as a subset holding only `test_images`/`test_labels`. `remedies`: what the caller's user
+    can do about a missing split or another image size (the defaults name --split and --size).
     """
-    return as_task(_load(dataset, size, data_dir, splits, seed, download_missing, synthetic_sizes), task)
+    return as_task(_load(dataset, size, data_dir, splits, seed, download_missing, synthetic_sizes,
+                         remedies or Remedies()), task)
 
 
 def as_task(data: Data, task: str) -> Data:
@@ -187,7 +190,21 @@ def as_task(data: Data, task: str) -> Data:
                 f"{data.name}-tumor")
 
 
-def _load(dataset, size, data_dir, splits, seed, download_missing, synthetic_sizes) -> Data:
+@dataclass(frozen=True)
+class Remedies:
+    """The end of a data error, in the words of the script that met it: each script chooses splits
+    and sizes with other flags (train.py has no --split; a checkpoint fixes the size)."""
+    split: str = "choose another --split or another file"
+    size: str = "check --size and --dataset"
+
+
+def remedies_for_checkpoint(checkpoint: str, size: int) -> Remedies:
+    """A checkpoint's model reads one size only: the remedy is another file, or another model."""
+    return Remedies(size=f"the model in {checkpoint} was trained on {size}x{size} images: pass a file of "
+                         f"{size}x{size} images, or train a model on this one (train.py --data-dir FILE --size N)")
+
+
+def _load(dataset, size, data_dir, splits, seed, download_missing, synthetic_sizes, remedies) -> Data:
     if size not in SIZES:
         raise DataError(f"size {size} is not offered; choose one of {SIZES}")
     for s in splits:
@@ -197,9 +214,12 @@ def _load(dataset, size, data_dir, splits, seed, download_missing, synthetic_siz
         arrays = make_synthetic(size, seed, dict(zip(SPLITS, synthetic_sizes)), splits)
         source = f"synthetic (seed {seed}, {'/'.join(map(str, synthetic_sizes))} train/val/test)"
         return Data("synthetic", size, "multi-class", list(SYNTHETIC_CLASSES), 3, source,
-                    _validate(arrays, source, splits, 9, 3, size, "multi-class"), f"synthetic-seed{seed}")
+                    _validate(arrays, source, splits, 9, 3, size, "multi-class", remedies), f"synthetic-seed{seed}")
     info = medmnist_info(dataset)
     path = Path(data_dir)
+    if path.is_file() and path.suffix != ".npz":
+        raise DataError(f"{path}: is a file but not an .npz; --data-dir takes a folder of MedMNIST files "
+                        "(e.g. data, where pathmnist.npz is downloaded) or one .npz file")
     if path.suffix != ".npz":
         path = npz_path(dataset, size, path)
         if not path.exists():
@@ -215,7 +235,7 @@ def _load(dataset, size, data_dir, splits, seed, download_missing, synthetic_siz
     n_labels = len(class_names) if task.startswith("multi-label") else None
     return Data(dataset, size, task, class_names, info["n_channels"], str(path),
                 _validate(_read_npz(path, splits), str(path), splits, len(class_names),
-                          info["n_channels"], size, task, n_labels), path.stem)
+                          info["n_channels"], size, task, remedies, n_labels), path.stem)
 
 
 def parse_split_sizes(text: str) -> tuple[int, int, int] | None:
@@ -238,7 +258,8 @@ def data_for_run(cfg: dict, splits: tuple[str, ...], data_dir: str = "", checkpo
                         "synthetic split, or pass a checkpoint trained on PathMNIST images")
     sizes = parse_split_sizes(cfg.get("synthetic_sizes", "10000,2000,2000")) or (10000, 2000, 2000)
     return load_data(cfg["dataset"], cfg["size"], data_dir or cfg["data_dir"], splits,
-                     seed=cfg.get("seed", 0), synthetic_sizes=sizes, task=cfg.get("task", "classes"))
+                     seed=cfg.get("seed", 0), synthetic_sizes=sizes, task=cfg.get("task", "classes"),
+                     remedies=remedies_for_checkpoint(checkpoint or "the checkpoint", cfg["size"]))
 
 
 def _read_npz(path: Path, splits) -> dict[str, np.ndarray]:
@@ -264,25 +285,28 @@ def _read_npz(path: Path, splits) -> dict[str, np.ndarray]:
 
 
 def _validate(arrays: dict, source: str, splits, num_classes: int, n_channels: int, size: int,
-              task: str, n_labels: int | None = None) -> dict[str, Split]:
+              task: str, remedies: Remedies = Remedies(), n_labels: int | None = None) -> dict[str, Split]:
     """Check keys, dtypes, shapes and label ranges; return tensors in (N,C,H,W) layout."""
     out = {}
     keys = ", ".join(arrays.get("_keys", [])) or "none"
     for s in splits:
         if f"{s}_images" not in arrays or f"{s}_labels" not in arrays:
             raise DataError(f"{source}: has no {s!r} split (needs {s}_images and {s}_labels; "
-                            f"keys present: {keys}); choose another --split or another file")
+                            f"keys present: {keys}); {remedies.split}")
         x, y = arrays[f"{s}_images"], arrays[f"{s}_labels"]
         if x.dtype != np.uint8:
             raise DataError(f"{source}: {s}_images has dtype {x.dtype}, expected uint8 images (0-255, as "
                             f"MedMNIST stores them); save the images as np.uint8")
         if x.ndim == 3 and n_channels == 1:
             x = x[..., None]
+        if x.ndim == 4 and x.shape[1] == x.shape[2] != size and x.shape[3] == n_channels:
+            raise DataError(f"{source}: {s}_images are {x.shape[1]}x{x.shape[2]}, not {size}x{size}; "
+                            f"{remedies.size}")
         if x.ndim != 4 or x.shape[1:] != (size, size, n_channels):
             raise DataError(f"{source}: {s}_images has shape {x.shape}, expected "
-                            f"(N, {size}, {size}, {n_channels}); check --size and --dataset")
+                            f"(N, {size}, {size}, {n_channels}); {remedies.size}")
         if len(x) == 0:
-            raise DataError(f"{source}: the {s!r} split is empty (0 images); choose another --split or another file")
+            raise DataError(f"{source}: the {s!r} split is empty (0 images); {remedies.split}")
         if not np.issubdtype(y.dtype, np.integer) and not (
                 np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y))):
             raise DataError(f"{source}: {s}_labels has dtype {y.dtype}, expected integer labels; store "
@@ -400,7 +424,7 @@ def translate(x: torch.Tensor, generator: torch.Generator, max_shift: int) -> to
 
 if __name__ == "__main__":
     import argparse
-    p = argparse.ArgumentParser(description="Split a one-split .npz (e.g. the real test subset) into "
+    p = argparse.ArgumentParser(allow_abbrev=False, description="Split a one-split .npz (e.g. the real test subset) into "
                                             "train/val/test per class, for experiments on real images.")
     p.add_argument("src")
     p.add_argument("out")

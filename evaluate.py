@@ -28,7 +28,7 @@ from metrics import as_label_vector
 from model import CheckpointError
 from report import score_checkpoint, score_file, write_report
 from robustness import print_shift, stain_shift
-from runtime import AMP_CHOICES, exit_with_one_line, parse_config, resolve_device
+from runtime import AMP_CHOICES, exit_with_one_line, exit_with_usage, parse_args, resolve_device
 from scores import ScoresFileError
 
 
@@ -62,7 +62,11 @@ class EvalConfig:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(EvalConfig, argv, description=__doc__.split("\n")[0])
+    cfg, given = parse_args(EvalConfig, argv, description=__doc__.split("\n")[0])
+    if not cfg.predictions and given & {"size", "dataset"}:
+        # A checkpoint carries its dataset and size; silently ignoring these would mislead.
+        exit_with_usage(f"--size and --dataset describe a score file (--predictions); the checkpoint "
+                        f"{cfg.checkpoint} carries its own: drop them, or pass a data file of the model's size")
     # Scores and labels: from a score file, or by running the checkpoint's model on the split.
     if cfg.predictions:
         scored = score_file(cfg.predictions, cfg.split, cfg.dataset, cfg.size, cfg.data_dir)

@@ -17,6 +17,7 @@ matplotlib.use("Agg")  # figures only go to files; never needs a display
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from PIL import Image
 
 from metrics import roc_auc
 
@@ -164,7 +165,9 @@ def plot_examples(images, rows: dict, class_names, method: str, path, title: str
         if method == "gradcam":
             lim = max(float(m.max()), 1e-12)
             im = ax1.imshow(m, cmap="gray", vmin=0, vmax=lim, interpolation="bilinear")
-            ax1.set_title(textwrap.fill(f"Grad-CAM ({class_names[rows['target'][r]]})", 30), fontsize=7)
+            raw = rows["raw"][r] if rows.get("raw") is not None else m
+            frame = "\n(flat inside: the border is zero padding)" if padding_frame(raw) else ""
+            ax1.set_title(textwrap.fill(f"Grad-CAM ({class_names[rows['target'][r]]})", 30) + frame, fontsize=7)
             ax2.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
             ax2.imshow(m, cmap="jet", alpha=0.45, vmin=0, vmax=lim, interpolation="bilinear")
             ax2.set_title("heat-map overlay", fontsize=8)
@@ -182,6 +185,23 @@ def plot_examples(images, rows: dict, class_names, method: str, path, title: str
             ax.set_xticks([])
             ax.set_yticks([])
     return save_figure(fig, path, title)
+
+
+def padding_frame(cam) -> bool:
+    """Whether a Grad-CAM map (h, w), e.g. the stored one before upsampling, is flat inside and
+    differs only along its border. On blank or uniform input (background, mucus, smooth debris)
+    nothing in the image varies, and the convolutions' zero padding alone makes the cells near the
+    border differ: the map then draws a square frame that says where the image ends, not where
+    the evidence is. Flat: the interior's coefficient of variation under 5%; frame: the border
+    cells' mean over 10% away from the interior's."""
+    m = np.asarray(cam, np.float32).squeeze()
+    if m.ndim != 2 or min(m.shape) < 6:
+        return False
+    b = max(1, round(min(m.shape) / 7))  # 2 cells at 14x14: the reach of the padding there
+    inner = m[b:-b, b:-b]
+    ring = np.concatenate([m[:b].ravel(), m[-b:].ravel(), m[b:-b, :b].ravel(), m[b:-b, -b:].ravel()])
+    centre = float(inner.mean())
+    return centre > 0 and float(inner.std()) < 0.05 * centre and abs(float(ring.mean()) / centre - 1) > 0.1
 
 
 def plot_tiles(rows: list[dict], path, title: str) -> Path:
@@ -207,8 +227,9 @@ def plot_tiles(rows: list[dict], path, title: str) -> Path:
         show = lambda ax, img: ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img,
                                          cmap="gray" if img.shape[-1] == 1 else None, interpolation="nearest")
         show(axes[r, 0], full)
-        title = "\n".join(textwrap.fill(line, 26) for line in row["title"].split("\n"))  # long class names
-        axes[r, 0].set_title(title, fontsize=7, color="red" if row["wrong"] else "black")
+        # Long class names wrap; not `title`, which is the whole figure's (a row's name is not the grid's).
+        name = "\n".join(textwrap.fill(line, 26) for line in row["title"].split("\n"))
+        axes[r, 0].set_title(name, fontsize=7, color="red" if row["wrong"] else "black")
         show(axes[r, 1], small)
         axes[r, 1].set_title(f"what the model saw\n({small.shape[0]}x{small.shape[1]})", fontsize=7)
         for j, method in enumerate(methods):
@@ -226,22 +247,40 @@ def plot_tiles(rows: list[dict], path, title: str) -> Path:
             show(ax_over, full)
             if smooth:
                 lim = max(float(m.max()), 1e-12)
-                ax_map.imshow(m, cmap="gray", vmin=0, vmax=lim)
+                im = ax_map.imshow(m, cmap="gray", vmin=0, vmax=lim)
                 ax_over.imshow(m, cmap="jet", alpha=0.45, vmin=0, vmax=lim)
-                ax_map.set_title(textwrap.fill(f"Grad-CAM for {target}", 28), fontsize=7)
+                frame = "\n(flat inside: the border is\nzero padding, not evidence)" if padding_frame(stored) else ""
+                ax_map.set_title(textwrap.fill(f"Grad-CAM for {target}", 28) + frame, fontsize=7)
                 ax_over.set_title("heat-map overlay", fontsize=7)
             else:
                 lim = max(float(np.percentile(np.abs(m), 99.5)), 1e-12)
-                ax_map.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+                im = ax_map.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
                 pos = np.clip(m / lim, 0, 1)
                 ax_over.imshow(np.dstack([np.ones_like(pos), np.zeros_like(pos), np.zeros_like(pos), 0.8 * pos]),
                                interpolation="nearest")
                 ax_map.set_title(textwrap.fill(f"{'IG' if method == 'ig' else method} for {target} (signed)", 28), fontsize=7)
                 ax_over.set_title("positive part in red", fontsize=7)
+            bar = fig.colorbar(im, ax=ax_map, fraction=0.046, pad=0.02)
+            bar.ax.tick_params(labelsize=5)
+            bar.formatter.set_powerlimits((-2, 3))
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
     return save_figure(fig, path, title)
+
+
+def tile_row(tile, maps: dict, names, pred: int, conf: float) -> dict:
+    """What plot_tiles draws of one file; large files are drawn at most 1024 px wide."""
+    scale = min(1.0, 1024 / max(tile.width, tile.height))
+    full = tile.full if scale == 1 else np.asarray(Image.fromarray(tile.full.squeeze()).resize(
+        (round(tile.width * scale), round(tile.height * scale)), Image.BILINEAR)).reshape(
+        round(tile.height * scale), round(tile.width * scale), -1)
+    title = f"{tile.path.name}\npred: {names[pred]} ({conf:.2f})"
+    if tile.label >= 0:
+        title += f"\ntrue: {names[tile.label]}"
+    return {"full": full, "small": tile.small.permute(1, 2, 0).numpy(), "title": title,
+            "wrong": tile.label >= 0 and tile.label != pred,
+            "maps": {m: (v, names[t]) for m, (v, t) in maps.items()}}
 
 
 def plot_trust(rows: list[dict], class_names, folder, title: str) -> list[Path]:
@@ -275,15 +314,26 @@ def plot_sanity(named: dict, colours: dict):
             ax.plot(range(len(d["layers"])), d[kind], marker="o", ms=3, color=colours[method],
                     ls="--" if method == "edge (control)" else "-", label=f"{method} (n={r['n']})")
         layers = max((r["detail"]["layers"] for r in lines.values()), key=len)
-        ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=7)
+        ax.set_xticks(range(len(layers)), sanity_stage_labels(len(layers)), fontsize=7)
         ax.axhline(0, color="0.8", lw=0.8)
-        ax.set_xlabel("layers randomised, cascading from the output")
+        ax.set_xlabel(f"blocks of weights randomised, from the output layer towards the input "
+                      f"({len(layers) - 1} in all)", fontsize=8)
         ax.set_title(f"Spearman with the original map ({'|map|' if kind == 'abs' else 'signed map'})", fontsize=9)
     axes[0].set_ylabel("mean rank correlation")
     lowest = np.nanmin([v for r in lines.values() for k in ("abs", "signed") for v in r["detail"][k]] + [-0.1])
     axes[0].set_ylim(float(lowest) - 0.05, 1.05)
     axes[1].legend(fontsize=8)
     return fig
+
+
+def sanity_stage_labels(n_stages: int) -> list[str]:
+    """Tick labels of the cascading randomisation: 'none' (the intact model), then how many blocks
+    are re-initialised, 'output' for the first and 'all' for the last; at most ~12 numbered ticks."""
+    step = max(1, math.ceil((n_stages - 1) / 12))
+    labels = ["none"] + [str(k) if k % step == 0 else "" for k in range(1, n_stages)]
+    if n_stages > 1:
+        labels[1], labels[-1] = "1\n(output)", f"{n_stages - 1}\n(all)"
+    return labels
 
 
 def plot_deletion_insertion(named: dict, colours: dict):

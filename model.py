@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -204,18 +205,33 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint with weights_only=True (an untrusted pickle is never executed)."""
     path = Path(path)
+    if path.is_dir():
+        inside = [str(path / n) for n in ("best.pt", "last.pt") if (path / n).is_file()]
+        hint = f"pass {inside[0]}" if inside else "pass the best.pt or last.pt that train.py wrote"
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint; {hint}")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found; train one with train.py or pass --checkpoint PATH")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise CheckpointError(f"{path}: not a readable checkpoint of this project ({msg}); it is truncated, "
-                              f"corrupt or not ours: use another file or retrain") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint of this project ({_why_unreadable(path, e)}); "
+                              "pass a best.pt or last.pt written by train.py, or retrain") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no model/config entries); "
                               f"pass a best.pt or last.pt written by train.py")
     return ckpt
+
+
+def _why_unreadable(path: Path, exc: Exception) -> str:
+    """What torch.load's refusal means, in words (its own text is pages long, with ANSI codes)."""
+    if "Weights only load failed" in str(exc) or isinstance(exc, pickle.UnpicklingError):
+        return ("it holds pickled Python objects, e.g. a whole nn.Module saved with torch.save(model), which "
+                "are never unpickled since that can run code; train.py saves plain state dicts")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK":
+        return "a damaged or truncated zip archive"
+    return "neither a zip archive nor a legacy torch file: not a checkpoint at all"
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"):

@@ -16,6 +16,7 @@ import random
 import signal
 import sys
 import threading
+import time
 import typing
 from collections.abc import Callable, Iterator
 
@@ -38,8 +39,9 @@ def flag(name: str) -> str:
 
 
 def _parser(cls, description: str | None, suppress: bool) -> _OneLineErrors:
+    # allow_abbrev=False: a prefix such as --epoch is an unknown flag, not silently --epochs.
     p = _OneLineErrors(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       argument_default=argparse.SUPPRESS if suppress else None)
+                       argument_default=argparse.SUPPRESS if suppress else None, allow_abbrev=False)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = str if "nargs" in f.metadata else hints[f.name]  # a list of strings: one flag, many values
@@ -78,6 +80,11 @@ def parse_args(cls, argv: list[str] | None = None, description: str | None = Non
     if problem:
         p.error(problem)
     return cfg, set(vars(_parser(cls, description, suppress=True).parse_args(argv)))
+
+
+def exit_with_usage(message: str) -> typing.NoReturn:
+    """A command-line mistake found after parsing: one line and exit status 2, as argparse's own."""
+    _OneLineErrors(prog=os.path.basename(sys.argv[0])).error(message)
 
 
 def parse_config(cls, argv: list[str] | None = None, description: str | None = None):
@@ -205,3 +212,28 @@ def exit_with_one_line(main: Callable[[], object], errors: tuple[type[BaseExcept
         main()
     except errors as e:
         sys.exit(f"error: {e}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Progress
+
+def progress(items, total: int, desc: str, unit: str, every_s: float = 20.0):
+    """Iterate `items` (`total` units of work in all; each item yields how many it did) with a
+    progress display on stderr: tqdm's bar on a terminal; in a log file, where a bar's redraws
+    would pile up in one line, a plain line at most every `every_s` seconds and one at the end."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        with tqdm(total=total, desc=desc, unit=unit) as bar:
+            for done in items:
+                bar.update(done)
+        return
+    start = last = time.perf_counter()
+    count = 0
+    for done in items:
+        count += done
+        now = time.perf_counter()
+        if now - last >= every_s or count >= total:
+            rate = count / max(now - start, 1e-9)
+            left = f", about {(total - count) / rate:.0f} s left" if count < total else ""
+            print(f"{desc}: {count}/{total} {unit} ({now - start:.0f} s{left})", file=sys.stderr, flush=True)
+            last = now

@@ -117,3 +117,10 @@ def label_from_name(path: Path, class_codes=PATHMNIST_CODES) -> int:
     words = set(re.split(r"[-_. ]+", Path(path).stem.upper()))
     found = [i for i, code in enumerate(class_codes) if code in words]
     return found[0] if len(found) == 1 else -1
+
+
+def file_label(path: Path, binary: bool, positive_class: int) -> int:
+    """The true class a file's name gives (label_from_name), in the model's task: for a binary task
+    (--task tumor) 1 for the positive class's code (TUM) and 0 for every other code."""
+    label = label_from_name(path)
+    return label if label < 0 or not binary else int(label == positive_class)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from data import BINARY, SIZES, TASKS, DataError, dataset_choices, load_data, parse_split_sizes
+from data import BINARY, SIZES, TASKS, DataError, Remedies, dataset_choices, load_data, parse_split_sizes
 from figures import plot_training_curves
 from model import MODELS, CheckpointError, build_model, count_flops, read_checkpoint, save_checkpoint
 from report import score_checkpoint, write_csv, write_report
@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> Path:
             if torch.distributed.is_initialized():  # torchrun: gradients averaged over all processes at every step
                 model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
+            if cfg.select == "best":
+                log(f"* marks an epoch with a new best validation {monitor}: its weights are written to best.pt")
             for epoch in range(start, cfg.epochs + 1):
                 if stale >= cfg.patience:
                     log(f"early stop: validation {monitor} has not improved for {stale} epochs")
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> Path:
                     save_epoch(run_dir, rows, state, improved)
                 log(f"epoch {epoch:3d} | train loss {tr['loss']:.4f} acc {tr['acc']:.4f} | val loss {va['loss']:.4f} "
                     f"acc {va['acc']:.4f} auc {va['auc']:.4f} | lr {rows[-1]['lr']:.1e} | "
-                    f"{tr['seconds']:.1f}s {tr['images_per_s']:.0f} img/s{' *' if improved else ''}")
+                    f"{tr['seconds']:.1f}s {tr['images_per_s']:.0f} img/s{' *' if improved and cfg.select == 'best' else ''}")
 
             if rank == 0:
                 plot_training_curves(rows, run_dir / "images" / "training_curves.png", f"{cfg.model} on {data.source}")
@@ -158,8 +160,11 @@ def validation(net, kept, val, data, cfg, device) -> tuple[dict, float]:
 
 def load_train_val(cfg: TrainConfig, device, world: int, log):
     """(data, train split on the device, validation split) of the run's dataset."""
+    remedies = Remedies(split=f"training needs train and val splits: make them from a one-split file with "
+                              f"python data.py {cfg.data_dir} SPLIT.npz, then pass --data-dir SPLIT.npz",
+                        size="pass the images' size with --size")
     data = load_data(cfg.dataset, cfg.size, cfg.data_dir, ("train", "val"), seed=cfg.seed,
-                     synthetic_sizes=parse_split_sizes(cfg.synthetic_sizes), task=cfg.task)
+                     synthetic_sizes=parse_split_sizes(cfg.synthetic_sizes), task=cfg.task, remedies=remedies)
     train, val = (data.splits[s] for s in ("train", "val"))
     if len(train) // world < 2:
         raise DataError(f"{data.source}: {len(train)} training images are too few for {world} "

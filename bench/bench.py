@@ -302,7 +302,7 @@ def accuracy(args) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("mode", nargs="?", default="speed", choices=("speed", "accuracy", "real"))
     p.add_argument("--quick", action="store_true", help="smoke run: small sizes, one run")

@@ -99,7 +99,7 @@ class Ours:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("side", choices=("seed", "ours"))
     p.add_argument("root", help="folder holding pathmnist.npz")
     p.add_argument("--epochs", type=int, default=1)

@@ -155,7 +155,7 @@ def _with_config(**cfg):
     return write
 
 
-NOT_OURS = ("not a readable checkpoint of this project", "use another file or retrain")
+NOT_OURS = ("not a readable checkpoint of this project", "pass a best.pt or last.pt written by train.py")
 NO_ENTRIES = ("no model/config entries", "pass a best.pt or last.pt written by train.py")
 NO_MODEL = ("its config does not describe a model of this project", "pass a checkpoint written by train.py")
 # name -> (what makes the file bad, the reason the message must give, the remedy it must name)
@@ -174,6 +174,11 @@ BAD = {
     "other_classes": (lambda p: torch.save({**_state(num_classes=4)[1], "arch": {"num_classes": 9}}, p),
                       "weights do not fit a lightcnn at size 28", "from another model, or damaged"),
     "unknown_model_name": (_with_config(model="vgg16", size=28), *NO_MODEL),
+    # a whole nn.Module, as torch.save(model) writes it: never unpickled, said in words
+    "pickled_module": (lambda p: torch.save(build_model("lightcnn"), p), "holds pickled Python objects",
+                       "pass a best.pt or last.pt written by train.py"),
+    "text_file": (lambda p: p.write_text("hello\n"), "not a checkpoint at all", "pass a best.pt or last.pt"),
+    "a_folder": (lambda p: p.mkdir(), "is a folder, not a checkpoint", "pass the best.pt or last.pt"),
     "config_without_size": (_with_config(model="lightcnn"), *NO_MODEL),
 }
 
@@ -185,9 +190,9 @@ def test_bad_checkpoint_is_a_one_line_error_with_its_reason(tmp_path, make, reas
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(path)
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(f"{path}: "), msg
+    assert "\n" not in msg and "\x1b" not in msg and msg.startswith(f"{path}: "), msg
     assert reason in msg and remedy in msg, msg
-    if path.exists():
+    if path.is_file():
         before = path.read_bytes()
         with pytest.raises(CheckpointError):
             load_checkpoint(path)
