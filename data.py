@@ -422,14 +422,26 @@ def translate(x: torch.Tensor, generator: torch.Generator, max_shift: int) -> to
     return padded.gather(3, cols[:, None, None, :].expand(n, c, h, w))
 
 
-if __name__ == "__main__":
+def split_parser():
+    """The command line of `python data.py SRC OUT` (its own, as data.py is a module first)."""
     import argparse
-    p = argparse.ArgumentParser(allow_abbrev=False, description="Split a one-split .npz (e.g. the real test subset) into "
-                                            "train/val/test per class, for experiments on real images.")
-    p.add_argument("src")
-    p.add_argument("out")
+    p = argparse.ArgumentParser(allow_abbrev=False, description="Split a one-split .npz (e.g. the real test "
+                                "subset) into train/val/test per class, for experiments on real images.")
+    p.add_argument("src", help="an .npz with one split (e.g. ../shared/data/pathmnist28_real_test718.npz)")
+    p.add_argument("out", help="the .npz to write, with train, val and test splits")
     p.add_argument("--dataset", default="pathmnist")
     p.add_argument("--size", type=int, default=28)
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args()
-    print(split_npz(a.src, a.out, a.dataset, a.size, seed=a.seed))
+    return p
+
+
+def _cli() -> None:
+    a = split_parser().parse_args()
+    sizes = split_npz(a.src, a.out, a.dataset, a.size, seed=a.seed)
+    print(f"wrote {a.out}: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test images, "
+          "each class split in the same proportions")
+
+
+if __name__ == "__main__":
+    from runtime import exit_with_one_line
+    exit_with_one_line(_cli, (DataError,))

@@ -33,6 +33,46 @@ from PIL import Image
 
 ZOOM = 3  # on-screen pixels per image pixel at 28 px (pixelated, so the tissue's texture stays visible)
 
+# Every stored trust metric in words: (short label, which way is better, what it measures). The page
+# shows the label and the arrow, the meaning on hover and in the table; a metric missing here is
+# shown under its stored name, so adding one to trust.METRICS never breaks the page.
+LOWER, HIGHER = "↓ lower is better", "↑ higher is better"
+METRIC_TEXT = {
+    "deletion_auc": ("deletion", LOWER, "probability of the explained class while the map's most relevant pixels "
+                     "are set to black, area under that curve (black fill: a confounded measure on real tissue, "
+                     "where scattered black pixels destroy any 28 px image)"),
+    "insertion_auc": ("insertion", HIGHER, "probability of the explained class while the map's most relevant "
+                      "pixels are put back into a blurred image, area under that curve"),
+    "deletion_auc_abs": ("deletion by |map|", LOWER, "deletion with pixels ranked by the map's absolute value"),
+    "insertion_auc_abs": ("insertion by |map|", HIGHER, "insertion with pixels ranked by the map's absolute value"),
+    "rel_delta": ("completeness gap", LOWER, "|sum of IG − (logit(image) − logit(baseline))| relative to the logit "
+                  "change; under 0.01 the map accounts for the model's output"),
+    "steps_for_tol": ("IG steps needed", LOWER, "fewest IG steps that bring 95% of the maps under the completeness "
+                      "tolerance (--trust-tol)"),
+    "sanity_spearman": ("same map after randomising", LOWER, "rank correlation of |map| with the map of the model "
+                        "whose weights were all re-initialised; near 0: the map depends on what the model learned"),
+    "sanity_spearman_abs": ("same map after randomising", LOWER, "rank correlation of |map| with this image's map "
+                            "after all weights were re-initialised; near 0: the map depends on the weights"),
+    "sanity_spearman_signed": ("same signed map after randomising", LOWER, "as above, on the signed map"),
+    "sanity_control_edge": ("edge-detector control", "should stay at 1", "the same randomisation check on a map "
+                            "that ignores the model (Sobel edges of the image): it must not move"),
+    "agreement_ig_gradcam": ("IG vs Grad-CAM agreement", HIGHER, "rank correlation per image of IG's positive part "
+                             "with Grad-CAM; two methods pointing at the same pixels"),
+    "spearman_gradcam": ("agreement with Grad-CAM", HIGHER, "rank correlation of this IG map's positive part with "
+                         "the image's Grad-CAM"),
+    "spearman_ig": ("agreement with IG", HIGHER, "rank correlation of this Grad-CAM map with the positive part of "
+                    "the image's IG"),
+    "relevance_mass": ("share inside the evidence", HIGHER, "share of the positive attribution inside the known "
+                       "evidence mask (synthetic data)"),
+    "pointing_game": ("peak inside the evidence", HIGHER, "whether the map's maximum lies inside the evidence mask "
+                      "(synthetic data)"),
+}
+
+
+def metric_text(name: str) -> tuple[str, str, str]:
+    """(label, direction, meaning) of a stored metric name; unknown names are shown as stored."""
+    return METRIC_TEXT.get(name, (name.replace("_", " "), "", ""))
+
 
 def atlas(tiles: np.ndarray, columns: int) -> Image.Image:
     """(N, s, s, 3) uint8 -> one image of `columns` tiles per row, row-major."""
@@ -113,10 +153,13 @@ def report_html(db, model_id: int, dataset: str, size: int, split: str, images: 
             m.pop("slot")
     summary = [r for r in db.summary_metrics(model_id)
                if (r["dataset"], r["size"], r["split"]) == (dataset, size, split)]
+    names = {n.split(":", 1)[1] for n in metric_names}
     payload = {"classes": class_names, "size": size, "zoom": ZOOM if size <= 64 else 1, "columns": columns,
-               "methods": list(settings), "metrics": metric_names, "cards": [cards[k] for k in order]}
+               "methods": list(settings), "metrics": metric_names, "cards": [cards[k] for k in order],
+               "labels": {n: metric_text(n) for n in names}}
     figs = "".join(f'<figure><img alt="{html.escape(p.stem)}" src="{data_uri(Image.open(p).convert("RGB"), "PNG")}">'
-                   f"<figcaption>{html.escape(p.name)}</figcaption></figure>" for p in figures if Path(p).exists())
+                   f"<figcaption>{html.escape(FIGURE_TEXT.get(p.stem, p.name))}</figcaption></figure>"
+                   for p in figures if Path(p).exists())
     page = (Path(__file__).with_name("report_template.html")).read_text()
     return (page.replace("{{title}}", html.escape(title))
             .replace("{{summary}}", summary_table(summary))
@@ -125,15 +168,32 @@ def report_html(db, model_id: int, dataset: str, size: int, split: str, images: 
             .replace("{{data}}", json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")))
 
 
+FIGURE_TEXT = {
+    "sanity_check": "Model randomisation: how much each method's maps stay the same as more and more of the "
+                    "model's weights are re-initialised, from the output layer down. Falling towards 0 is good: "
+                    "the map depends on what the model learned. The edge detector (dashed) ignores the model and "
+                    "stays at 1.",
+    "deletion_insertion": "Deletion (left, lower is better) and insertion (right, higher is better): the "
+                          "probability of the explained class as pixels are removed or put back in the order "
+                          "each map ranks them, against a random order (dotted).",
+    "localisation": "Localisation (synthetic data only, where the evidence is known): the share of positive "
+                    "attribution inside the evidence, and how often the map's peak lies in it, against a "
+                    "random map.",
+}
+
+
 def summary_table(rows: list[dict]) -> str:
-    """The stored trust metrics (summary_metrics rows) as an HTML table: value, random baseline, n."""
+    """The stored trust metrics (summary_metrics rows) as an HTML table in words: what each
+    measures, which way is better, the value next to a random map's (or the control's), n."""
     if not rows:
         return "<p>No trust metrics stored for these maps: run explain.py with --trust.</p>"
-    out = ["<table><thead><tr><th>method</th><th>metric</th><th>value</th><th>random / control</th><th>n</th>"
-           "</tr></thead><tbody>"]
+    out = ["<table><thead><tr><th>method</th><th>measure</th><th>better</th><th>value</th>"
+           "<th>random map</th><th>n</th><th>what it measures</th></tr></thead><tbody>"]
     for r in rows:
+        label, better, meaning = metric_text(r["name"])
         rnd = r["detail"].get("random") if isinstance(r["detail"], dict) else None
-        value = "–" if r["value"] is None or not np.isfinite(r["value"]) else f"{r['value']:.4g}"
-        out.append(f"<tr><td>{html.escape(r['method'] or 'model')}</td><td>{html.escape(r['name'])}</td>"
-                   f"<td>{value}</td><td>{'' if rnd is None else f'{rnd:.4g}'}</td><td>{r['n']}</td></tr>")
+        value = "–" if r["value"] is None or not np.isfinite(r["value"]) else f"{r['value']:.3g}"
+        out.append(f"<tr><td>{html.escape(r['method'] or 'all methods')}</td><td>{html.escape(label)}</td>"
+                   f"<td>{html.escape(better)}</td><td>{value}</td><td>{'' if rnd is None else f'{rnd:.3g}'}</td>"
+                   f"<td>{r['n']}</td><td class=\"meaning\">{html.escape(meaning)}</td></tr>")
     return "".join(out) + "</tbody></table>"

@@ -237,3 +237,28 @@ def progress(items, total: int, desc: str, unit: str, every_s: float = 20.0):
             left = f", about {(total - count) / rate:.0f} s left" if count < total else ""
             print(f"{desc}: {count}/{total} {unit} ({now - start:.0f} s{left})", file=sys.stderr, flush=True)
             last = now
+
+
+# ------------------------------------------------------------------------------------------------
+# The script reference (docs/scripts.md), generated from the config dataclasses so it stays true
+
+def flag_table(cls) -> str:
+    """Every flag of a script's config dataclass as a Markdown table: flag, default, what it does
+    (choices and bounds included), in the order --help lists them."""
+    rows = ["| flag | default | what it does |", "|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if isinstance(default, bool):
+            name, shown = f"{flag(f.name)} / --no-{flag(f.name)[2:]}", "on" if default else "off"
+        else:
+            name, shown = flag(f.name) + (" ..." if "nargs" in f.metadata else ""), repr(default) if default != "" else "(none)"
+        notes = [f.metadata.get("help", "")]
+        if "choices" in f.metadata:
+            notes.append("one of: " + ", ".join(map(str, f.metadata["choices"])))
+        if "min" in f.metadata:
+            notes.append(f"at least {f.metadata['min']}")
+        if "above" in f.metadata:
+            notes.append(f"above {f.metadata['above']}")
+        text = "; ".join(n for n in notes if n).replace("|", "\\|")
+        rows.append(f"| `{name}` | `{shown}` | {text} |")
+    return "\n".join(rows) + "\n"

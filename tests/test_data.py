@@ -86,7 +86,7 @@ def test_real_64_file_at_size_28_names_shape_and_flag(shared_data, tmp_path):
     with pytest.raises(DataError) as e:
         load_data("pathmnist", 28, path, splits=("test",))
     msg = _one_line_naming(e.value, path)
-    assert "(132, 64, 64, 3)" in msg and "--size" in msg
+    assert "test_images are 64x64, not 28x28" in msg and "--size" in msg
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,7 +234,7 @@ CORRUPT = {
     "float_images": (_replace(test_images=np.zeros((N, 28, 28, 3), np.float32)), "test_images has dtype float32",
                      "save the images as np.uint8"),
     "wrong_size": (_replace(test_images=np.zeros((N, 32, 32, 3), np.uint8)),
-                   "test_images has shape (18, 32, 32, 3), expected (N, 28, 28, 3)", SHAPE),
+                   "test_images are 32x32, not 28x28", SHAPE),
     "wrong_channels": (_replace(test_images=np.zeros((N, 28, 28, 1), np.uint8)),
                        "test_images has shape (18, 28, 28, 1), expected (N, 28, 28, 3)", SHAPE),
     "channels_first": (_replace(test_images=np.zeros((N, 3, 28, 28), np.uint8)),
