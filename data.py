@@ -256,6 +256,10 @@ def data_for_run(cfg: dict, splits: tuple[str, ...], data_dir: str = "", checkpo
         raise DataError(f"{checkpoint or 'the checkpoint'} was trained on synthetic data, whose classes are "
                         f"shapes, not tissue: it cannot be scored on {data_dir}; drop --data-dir to use its own "
                         "synthetic split, or pass a checkpoint trained on PathMNIST images")
+    recorded = Path(cfg.get("data_dir", ""))
+    if not data_dir and recorded.suffix == ".npz" and not recorded.exists():
+        raise DataError(f"{recorded} not found: {checkpoint or 'the checkpoint'} records its data file as train.py "
+                        "was given it; run from the folder you trained in, or pass --data-dir PATH")
     sizes = parse_split_sizes(cfg.get("synthetic_sizes", "10000,2000,2000")) or (10000, 2000, 2000)
     return load_data(cfg["dataset"], cfg["size"], data_dir or cfg["data_dir"], splits,
                      seed=cfg.get("seed", 0), synthetic_sizes=sizes, task=cfg.get("task", "classes"),

@@ -15,6 +15,7 @@ from pathlib import Path
 import matplotlib
 matplotlib.use("Agg")  # figures only go to files; never needs a display
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 import torch
 from PIL import Image
@@ -180,11 +181,25 @@ def plot_examples(images, rows: dict, class_names, method: str, path, title: str
             ax2.imshow(np.dstack([np.ones_like(pos), np.zeros_like(pos), np.zeros_like(pos), 0.8 * pos]),
                        interpolation="nearest")
             ax2.set_title("positive IG in red", fontsize=8)
-        fig.colorbar(im, ax=ax1, fraction=0.046, pad=0.04)
+        colour_scale(fig, im, ax1)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
+    if method == "gradcam":
+        fig.supxlabel(PADDING_NOTE, fontsize=7)
     return save_figure(fig, path, title)
+
+
+PADDING_NOTE = ("Grad-CAM near the border: the convolutions pad the image with zeros, so the outer cells of every "
+                "map also respond to the image's edge;\na frame along the border shows where the image ends, not "
+                "evidence (marked where the inside of the map is flat, as on blank background)")
+
+
+def colour_scale(fig, im, ax) -> None:
+    """A slim colour bar beside a map, its numbers written out (no '1e-2' offset above the bar)."""
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    bar.ax.tick_params(labelsize=5)
+    bar.ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
 
 
 def padding_frame(cam) -> bool:
@@ -197,7 +212,7 @@ def padding_frame(cam) -> bool:
     m = np.asarray(cam, np.float32).squeeze()
     if m.ndim != 2 or min(m.shape) < 6:
         return False
-    b = max(1, round(min(m.shape) / 7))  # 2 cells at 14x14: the reach of the padding there
+    b = min(3, (min(m.shape) - 2) // 4)  # LightCNN's padding reaches 3 cells into its 14x14 (or larger) layer
     inner = m[b:-b, b:-b]
     ring = np.concatenate([m[:b].ravel(), m[-b:].ravel(), m[b:-b, :b].ravel(), m[b:-b, -b:].ravel()])
     centre = float(inner.mean())
@@ -260,12 +275,12 @@ def plot_tiles(rows: list[dict], path, title: str) -> Path:
                                interpolation="nearest")
                 ax_map.set_title(textwrap.fill(f"{'IG' if method == 'ig' else method} for {target} (signed)", 28), fontsize=7)
                 ax_over.set_title("positive part in red", fontsize=7)
-            bar = fig.colorbar(im, ax=ax_map, fraction=0.046, pad=0.02)
-            bar.ax.tick_params(labelsize=5)
-            bar.formatter.set_powerlimits((-2, 3))
+            colour_scale(fig, im, ax_map)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
+    if "gradcam" in methods:
+        fig.supxlabel(PADDING_NOTE, fontsize=7)
     return save_figure(fig, path, title)
 
 

@@ -217,10 +217,11 @@ def exit_with_one_line(main: Callable[[], object], errors: tuple[type[BaseExcept
 # ------------------------------------------------------------------------------------------------
 # Progress
 
-def progress(items, total: int, desc: str, unit: str, every_s: float = 20.0):
+def progress(items, total: int, desc: str, unit: str, every_s: float = 15.0):
     """Iterate `items` (`total` units of work in all; each item yields how many it did) with a
     progress display on stderr: tqdm's bar on a terminal; in a log file, where a bar's redraws
-    would pile up in one line, a plain line at most every `every_s` seconds and one at the end."""
+    would pile up in one line, a plain line after the first item (with the time left), then at
+    most every `every_s` seconds, and one at the end."""
     if sys.stderr.isatty():
         from tqdm import tqdm
         with tqdm(total=total, desc=desc, unit=unit) as bar:
@@ -232,7 +233,7 @@ def progress(items, total: int, desc: str, unit: str, every_s: float = 20.0):
     for done in items:
         count += done
         now = time.perf_counter()
-        if now - last >= every_s or count >= total:
+        if now - last >= every_s or count >= total or count == done:
             rate = count / max(now - start, 1e-9)
             left = f", about {(total - count) / rate:.0f} s left" if count < total else ""
             print(f"{desc}: {count}/{total} {unit} ({now - start:.0f} s{left})", file=sys.stderr, flush=True)

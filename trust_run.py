@@ -6,6 +6,9 @@ printed as a table (the metrics themselves live in trust.py).
 """
 from __future__ import annotations
 
+import sys
+import time
+
 import numpy as np
 import torch
 
@@ -33,7 +36,11 @@ def measure_trust(run: RunStore, model, model_name: str, split, idx, work: Work,
             for method, sid in settings.items():
                 for name, metric in METRICS.items():
                     if metric.expensive == expensive:
+                        t0 = time.perf_counter()
                         _measure(run, metric, ctx, maps[method], values[sid, name])
+                        if expensive:  # minutes on a CPU: say what is done, so a log is not silent
+                            print(f"--trust: {name} of {method} on {len(part)} images, "
+                                  f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
             if not expensive and "ig" in maps and "gradcam" in maps:
                 a = agreement(maps["ig"], maps["gradcam"])
                 run.add_map_metric(a["ig_id"], "spearman_gradcam", a["rho"])
