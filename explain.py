@@ -155,8 +155,9 @@ def run(cfg: ExplainConfig, device, rank: int = 0, world: int = 1) -> dict:
         store = RunStore.open(db, checkpoint_sha256=file_digest(cfg.checkpoint, "sha256"), model=mcfg["model"],
                               config=mcfg, dataset=data.key, size=data.size, split=cfg.split)
         sample_ids = store.add_samples(idx, labels[idx])
-        work = work_list(idx, labels, pred, conf, sample_ids, data.key, cfg.split, target_rule(cfg.targets, data.task))
-        settings = store.add_settings({m: METHODS[m].params(cfg, GRADCAM_LAYERS[mcfg["model"]]) for m in cfg.method_list})
+        work = work_list(idx, labels, pred, conf, sample_ids, data.key, cfg.split,
+                         target_rule(cfg.targets, data.task))
+        settings = store.add_settings(method_params(cfg, mcfg["model"]))
         fast = inference_copy(model)  # BatchNorm folded, channels_last: IG 1.5x faster on CPU
         layer = gradcam_layer(fast, mcfg["model"])
         print(f"{len(work)} maps per method for {len(idx)} images: {', '.join(settings)}")
@@ -173,7 +174,8 @@ def run(cfg: ExplainConfig, device, rank: int = 0, world: int = 1) -> dict:
         # Can the maps be trusted? Every metric of trust.METRICS, stored next to the maps.
         trust = []
         if whole and cfg.trust and len(idx):
-            trust = measure_trust(store, model, mcfg["model"], split, idx, work, settings, data.class_names, cfg, device)
+            trust = measure_trust(store, model, mcfg["model"], split, idx, work, settings, data.class_names,
+                                  cfg, device)
         summary = db.summary()
     print_summary(summary)
     if trust:
@@ -184,6 +186,11 @@ def run(cfg: ExplainConfig, device, rank: int = 0, world: int = 1) -> dict:
     if whole and cfg.report:
         write_report(cfg, store, split, data.class_names, f"{title}: {run_name(cfg.checkpoint)}")
     return {"config": asdict(cfg), "summary": summary, "trust": trust}
+
+
+def method_params(cfg: ExplainConfig, model_name: str) -> dict[str, dict]:
+    """Each --methods entry with the parameters its maps are stored under (its setting)."""
+    return {m: METHODS[m].params(cfg, GRADCAM_LAYERS[model_name]) for m in cfg.method_list}
 
 
 def refuse_multi_label(task: str, source: str) -> None:
@@ -240,7 +247,7 @@ def explain_files(cfg: ExplainConfig, model, mcfg: dict, arch: dict, device, ran
     with ExplanationDB(cfg.db) as db:
         store = RunStore.open(db, checkpoint_sha256=file_digest(cfg.checkpoint, "sha256"), model=mcfg["model"],
                               config=mcfg, dataset="files", size=size, split=FILE_SPLIT)
-        settings = store.add_settings({m: METHODS[m].params(cfg, GRADCAM_LAYERS[mcfg["model"]]) for m in cfg.method_list})
+        settings = store.add_settings(method_params(cfg, mcfg["model"]))
         fast = inference_copy(model)
         layer = gradcam_layer(fast, mcfg["model"])
         for start in range(0, len(files), cfg.batch_size):
@@ -248,7 +255,8 @@ def explain_files(cfg: ExplainConfig, model, mcfg: dict, arch: dict, device, ran
             for path in files[start:start + cfg.batch_size]:
                 try:
                     tile = read_tile(path, size, arch.get("in_channels", 3))
-                    tile.label = file_label(path, task == BINARY, TUMOR_CLASS) if cfg.labels_from_names else UNKNOWN_LABEL
+                    tile.label = (file_label(path, task == BINARY, TUMOR_CLASS) if cfg.labels_from_names
+                                  else UNKNOWN_LABEL)
                     sample_ids.append(store.add_file(sha256=tile.sha256, path=str(path), width=tile.width,
                                                      height=tile.height, label=tile.label))
                 except (TileError, StoreError) as e:
@@ -276,7 +284,8 @@ def explain_files(cfg: ExplainConfig, model, mcfg: dict, arch: dict, device, ran
                                  "label": names[t.label] if t.label >= 0 else "",
                                  **{f"score_{n}": round(float(v), 6) for n, v in zip(names, scores[i])}})
                 same = "" if first[t.sha256] == t.path else f" (the same image as {first[t.sha256]})"
-                verdict = "" if t.label < 0 else f"; labelled {names[t.label]}: {'right' if t.label == pred[i] else 'WRONG'}"
+                verdict = ("" if t.label < 0 else
+                           f"; labelled {names[t.label]}: {'right' if t.label == pred[i] else 'WRONG'}")
                 print(f"{t.path}: {names[pred[i]]} ({conf[i]:.3f}){verdict}{same}")
                 maps = {m: stored[m, sample_ids[i]] for m in settings if (m, sample_ids[i]) in stored}
                 if cfg.figures and not same:

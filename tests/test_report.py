@@ -84,12 +84,12 @@ def test_sorting_by_a_metric_puts_its_extreme_first(report):
     with ExplanationDB(db) as d:
         v = d.sample_metrics("deletion_auc", method="ig", split="test")
     dom, _ = browse(page, "#sort=ig%3Adeletion_auc-asc")
-    first = int(re.search(r'class="card( wrong)?".*?#(\d+) true', dom, re.S)[2])
+    first = int(re.search(r'class="card( wrong)?".*?image (\d+): true', dom, re.S)[2])
     assert len(v["value"]) == 60 and first == int(v["index"][np.nanargmin(v["value"])])
     dom, _ = browse(page, "#sort=confidence-desc&correct=wrong")
     with ExplanationDB(db) as d:
         worst = d.top_errors(k=1, method="gradcam", split="test")
-    assert int(re.search(r'class="card( wrong)?".*?#(\d+) true', dom, re.S)[2]) == int(worst["index"][0])
+    assert int(re.search(r'class="card( wrong)?".*?image (\d+): true', dom, re.S)[2]) == int(worst["index"][0])
 
 
 def test_screenshot_is_written(report, tmp_path):
