@@ -37,8 +37,8 @@ def measure_trust(run: RunStore, model, model_name: str, split, idx, work: Work,
                 for name, metric in METRICS.items():
                     if metric.expensive == expensive:
                         t0 = time.perf_counter()
-                        _measure(run, metric, ctx, maps[method], values[sid, name])
-                        if expensive:  # minutes on a CPU: say what is done, so a log is not silent
+                        measured = _measure(run, metric, ctx, maps[method], values[sid, name])
+                        if expensive and measured:  # minutes on a CPU: a log should not fall silent
                             print(f"--trust: {name} of {method} on {len(part)} images, "
                                   f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
             if not expensive and "ig" in maps and "gradcam" in maps:
@@ -60,8 +60,9 @@ def measure_trust(run: RunStore, model, model_name: str, split, idx, work: Work,
     return run.trust(settings.values())
 
 
-def _measure(run: RunStore, metric, ctx: Context, maps: Maps, values: dict) -> None:
-    """One metric on one read of stored maps: its per-map values stored, all of them kept in `values`."""
+def _measure(run: RunStore, metric, ctx: Context, maps: Maps, values: dict) -> bool:
+    """One metric on one read of stored maps: its per-map values stored, all of them kept in `values`;
+    whether the metric applies to these maps at all."""
     found = metric.measure(ctx, maps) if len(maps.index) else None
     for key, v in (found or {}).items():
         if not key.startswith("_") and v.ndim == 1:
@@ -70,6 +71,7 @@ def _measure(run: RunStore, metric, ctx: Context, maps: Maps, values: dict) -> N
     if found:
         values.setdefault("_label", []).append(maps.label)
         values.setdefault("_target", []).append(maps.target)
+    return bool(found)
 
 
 def print_trust(rows: list[dict]) -> None:
