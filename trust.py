@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 from attribution import METHODS, Attribution, attribute_batches, integrated_gradients, make_baseline
 from data import normalize
+from road import FRACTIONS, bootstrap_interval, road_curves
+from road import combined as road_combined
 
 TRUST_FRACTION = 0.95  # completeness: "steps needed" = fewest steps with this share under --trust-tol
 
@@ -396,6 +398,38 @@ def summarise_deletion(values, ctx) -> dict[str, Summary]:
     return out
 
 
+def measure_road(ctx: Context, m: Maps):
+    """ROAD (road.py) of each map, of a random map and of the model-blind edge map of the same image
+    and target, all with the map's own seeds (tie order, imputation noise)."""
+    x = normalize(m.images.to(ctx.device))
+    t = torch.from_numpy(m.target).to(ctx.device)
+    seeds = [int(s) + ctx.cfg.trust_seed for s in m.seeds]
+    signed = pixel_scores(m.maps, "signed")
+    maps = {"": signed, "_random": torch.rand(signed.shape, generator=torch.Generator().manual_seed(ctx.cfg.trust_seed)),
+            "_edge": edge_control(None, None, x, t, ctx.cfg, None).maps}
+    out = {}
+    for suffix, scores in maps.items():
+        curves = road_curves(ctx.model, x, t, scores.to(ctx.device), seeds)
+        out[f"{'_' if suffix else ''}road_combined{suffix}"] = road_combined(curves)
+        for order in ("morf", "lerf"):
+            out[f"_road_{order}{suffix}"] = curves[order].cpu().numpy()
+    out["road_morf"], out["road_lerf"] = out["_road_morf"].mean(1), out["_road_lerf"].mean(1)
+    out["road_vs_random"] = out["road_combined"] - out["_road_combined_random"]
+    return out
+
+
+def summarise_road(values, ctx) -> dict[str, Summary]:
+    """ROAD combined of the maps, with the random map's and the edge map's, and the gain over random
+    with a bootstrap 95% interval over images: the headline of whether a method beats chance."""
+    gain = values["road_vs_random"]
+    return {"road_combined": Summary(float(values["road_combined"].mean()), len(gain), {
+        "random": float(values["_road_combined_random"].mean()), "edge": float(values["_road_combined_edge"].mean()),
+        "minus_random": float(gain.mean()), "ci": bootstrap_interval(gain, seed=ctx.cfg.trust_seed),
+        "edge_minus_random": float((values["_road_combined_edge"] - values["_road_combined_random"]).mean()),
+        "fractions": list(FRACTIONS), **{f"{o}{s}": values[f"_road_{o}{s}"].mean(0).tolist()
+                                         for o in ("morf", "lerf") for s in ("", "_random", "_edge")}})}
+
+
 @dataclass(frozen=True)
 class Metric:
     measure: Callable[[Context, Maps], dict[str, np.ndarray] | None]
@@ -409,6 +443,7 @@ METRICS = {
     "steps_needed": Metric(measure_steps, summarise_steps_needed, expensive=True),
     "sanity": Metric(measure_sanity, summarise_sanity, expensive=True),
     "deletion_insertion": Metric(measure_deletion, summarise_deletion, expensive=True),
+    "road": Metric(measure_road, summarise_road, expensive=True),
 }
 
 

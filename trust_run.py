@@ -105,6 +105,13 @@ def print_trust(rows: list[dict]) -> None:
         if "deletion_auc_abs" in m:
             print(f"{'':9s} {'  |map|':10s} {'':5s} {'':8s} {'':8s} {'':7s} {'':8s} {pair(m, 'deletion_auc_abs'):>14s} "
                   f"{pair(m, 'insertion_auc_abs'):>15s}")
+    for (model, _, method, sid), m in per_setting.items():
+        if sid and "road_combined" in m:
+            r = m["road_combined"]
+            d = r["detail"]
+            print(f"{model:9s} {method:10s} ROAD combined {r['value']:+.3f} (random map {d['random']:+.3f}, "
+                  f"edges {d['edge']:+.3f}): {d['minus_random']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] over "
+                  f"random (n={r['n']}; higher: removing the map's top pixels costs the class more than its bottom)")
     for (model, _, _, sid), m in per_setting.items():
         if sid:
             continue
