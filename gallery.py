@@ -62,6 +62,16 @@ METRIC_TEXT = {
                          "the image's Grad-CAM"),
     "spearman_ig": ("agreement with IG", HIGHER, "rank correlation of this Grad-CAM map with the positive part of "
                     "the image's IG"),
+    "road_combined": ("ROAD", HIGHER, "remove-and-debias (Rong et al., 2022): the class probability kept when the "
+                      "map's least relevant pixels are removed minus that when its most relevant are, averaged over "
+                      "10-90% removed, the gaps filled from their neighbours so the fill says nothing of the class; "
+                      "the table's random column is a random map's, and 'ROAD over random' is the gain"),
+    "road_vs_random": ("ROAD over random", HIGHER, "this map's ROAD minus a random map's on the same image; above 0: "
+                       "the map ranks the pixels the model needs better than chance"),
+    "road_morf": ("ROAD, top pixels removed", LOWER, "mean class probability after removing the map's most relevant "
+                  "pixels (10-90%), filled from their neighbours"),
+    "road_lerf": ("ROAD, bottom pixels removed", HIGHER, "mean class probability after removing the map's least "
+                  "relevant pixels (10-90%), filled from their neighbours"),
     "relevance_mass": ("share inside the evidence", HIGHER, "share of the positive attribution inside the known "
                        "evidence mask (synthetic data)"),
     "pointing_game": ("peak inside the evidence", HIGHER, "whether the map's maximum lies inside the evidence mask "
@@ -187,13 +197,32 @@ def summary_table(rows: list[dict]) -> str:
     measures, which way is better, the value next to a random map's (or the control's), n."""
     if not rows:
         return "<p>No trust metrics stored for these maps: run explain.py with --trust.</p>"
-    out = ["<table><thead><tr><th>method</th><th>measure</th><th>better</th><th>value</th>"
+    out = [verdicts(rows), "<table><thead><tr><th>method</th><th>measure</th><th>better</th><th>value</th>"
            "<th>random map</th><th>n</th><th>what it measures</th></tr></thead><tbody>"]
     for r in rows:
         label, better, meaning = metric_text(r["name"])
         rnd = r["detail"].get("random") if isinstance(r["detail"], dict) else None
         value = "–" if r["value"] is None or not np.isfinite(r["value"]) else f"{r['value']:.3g}"
+        if "ci" in r["detail"]:  # ROAD: the gain over a random map, with its interval
+            lo, hi = r["detail"]["ci"]
+            value += f"; over random {r['detail']['minus_random']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
         out.append(f"<tr><td>{html.escape(r['method'] or 'all methods')}</td><td>{html.escape(label)}</td>"
                    f"<td>{html.escape(better)}</td><td>{value}</td><td>{'' if rnd is None else f'{rnd:.3g}'}</td>"
                    f"<td>{r['n']}</td><td class=\"meaning\">{html.escape(meaning)}</td></tr>")
     return "".join(out) + "</tbody></table>"
+
+
+def verdicts(rows: list[dict]) -> str:
+    """One sentence per method: does it beat a random map on ROAD, by how much, how sure."""
+    lines = []
+    for r in rows:
+        if r["name"] != "road_combined":
+            continue
+        d = r["detail"]
+        lo, hi = d["ci"]
+        verdict = ("beats a random map" if lo > 0 else "is worse than a random map" if hi < 0
+                   else "is not distinguishable from a random map")
+        lines.append(f"<li><b>{html.escape(r['method'])}</b> {verdict} on ROAD: {d['minus_random']:+.3f} "
+                     f"(95% interval {lo:+.3f} to {hi:+.3f}, {r['n']} images); a map that ignores the model "
+                     f"(edges of the image) scores {d['edge_minus_random']:+.3f}.</li>")
+    return f"<ul>{''.join(lines)}</ul>" if lines else ""

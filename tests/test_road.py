@@ -95,3 +95,13 @@ def test_noise_is_reproducible_from_the_seeds(real):
     assert 0 < float((a - road.impute(real, remove, noise=0.0)).abs().max()) < 0.1  # noise of std 0.01
     with pytest.raises(ValueError, match="every pixel removed"):
         road.impute(real[:1], torch.ones(1, 28, 28, dtype=torch.bool))
+
+
+def test_the_report_says_per_method_whether_it_beats_random():
+    import gallery
+    row = lambda method, lo, hi: {"method": method, "name": "road_combined", "value": 0.1, "n": 108, "detail": {
+        "random": 0.0, "minus_random": (lo + hi) / 2, "ci": [lo, hi], "edge_minus_random": -0.01}}
+    text = gallery.summary_table([row("ig", 0.02, 0.04), row("gradcam", -0.01, 0.03), row("occlusion", -0.05, -0.01)])
+    assert "<b>ig</b> beats a random map on ROAD: +0.030 (95% interval +0.020 to +0.040, 108 images)" in text
+    assert "<b>gradcam</b> is not distinguishable from a random map" in text
+    assert "<b>occlusion</b> is worse than a random map" in text

@@ -210,12 +210,16 @@ def test_trust_end_to_end(checkpoint, split, net, tmp_path, monkeypatch, capsys)
         summary = {(r["method"], r["name"]): r for r in d.summary_metrics()}
         per_ig = {n: d.sample_metrics(n, method="ig") for n in ("rel_delta", "deletion_auc", "relevance_mass")}
         ig = d.maps(method="ig")
-    names = {"sanity_spearman", "deletion_auc", "insertion_auc", "relevance_mass", "pointing_game"}
+    names = {"sanity_spearman", "deletion_auc", "insertion_auc", "relevance_mass", "pointing_game", "road_combined"}
     assert {n for m, n in summary if m == "gradcam"} == names
     assert {n for m, n in summary if m == "ig"} == names | {"rel_delta", "steps_for_tol", "deletion_auc_abs",
                                                              "insertion_auc_abs"}
     assert {n for m, n in summary if m is None} == {"agreement_ig_gradcam", "sanity_control_edge"}
     assert summary[None, "sanity_control_edge"]["value"] == pytest.approx(1.0)
+    road = summary["ig", "road_combined"]["detail"]  # ROAD: the gain over random is its mean, inside its interval
+    assert road["ci"][0] <= road["minus_random"] <= road["ci"][1]
+    assert road["minus_random"] == pytest.approx(summary["ig", "road_combined"]["value"] - road["random"], abs=1e-6)
+    assert "ROAD combined" in printed
     assert out["trust"] and len(out["trust"]) == len(summary)
 
     # The numbers describe what is stored: per-map values aggregate to the summary ...
