@@ -1,5 +1,5 @@
-"""Run set-up shared by the scripts: config from the command line, seeding, device, mixed
-precision, processes (torchrun) and signals.
+"""Run set-up shared by the scripts: config from the command line (and its Markdown flag tables),
+seeding, device, mixed precision, processes (torchrun), signals and progress lines.
 
     from runtime import parse_config, set_seed, resolve_device
     cfg = parse_config(TrainConfig, argv)            # --help from the dataclass; bad values: one line
