@@ -24,8 +24,8 @@ each, joined with --merge-from. Figures and --trust need the whole selection: ru
 by content hash, prints and writes predictions.csv and draws each at its own resolution.
 
 --trust then measures whether the stored maps reflect the model (trust.METRICS: IG completeness,
-the cascading parameter-randomisation sanity check, deletion and insertion, localisation against
-the evidence masks of synthetic data) and IG-vs-Grad-CAM agreement, each against a random or
+the cascading parameter-randomisation sanity check, ROAD (road.py), black-fill deletion and
+insertion, localisation against the evidence masks of synthetic data) and IG-vs-Grad-CAM agreement, each against a random or
 model-blind baseline. The numbers go into the database next to the maps, a table is printed and
 images/sanity_check.png, deletion_insertion.png and localisation.png are drawn.
 """
