@@ -72,8 +72,7 @@ def impute(x: torch.Tensor, remove: torch.Tensor, noise: float = NOISE, seeds=No
     n, c, h, w = x.shape
     if bool(remove.flatten(1).all(1).any()):
         raise ValueError("impute: an image has every pixel removed; nothing to impute from")
-    kernel = KERNEL.to(x.device)[None, None]
-    conv = lambda z: F.conv2d(z, kernel, padding=1)  # zero padding: out-of-image neighbours weigh nothing
+    conv = neighbour_sum
     r_mask = remove[:, None].expand(n, c, h, w).reshape(n * c, 1, h, w).to(torch.float64)
     v = x.detach().to(torch.float64).reshape(n * c, 1, h, w)
     d = conv(torch.ones(1, 1, h, w, dtype=torch.float64, device=x.device))
@@ -98,6 +97,20 @@ def impute(x: torch.Tensor, remove: torch.Tensor, noise: float = NOISE, seeds=No
                            for s in seeds]).to(x.device).reshape(n * c, 1, h, w)
         filled = filled + noise * eps * r_mask
     return filled.reshape(n, c, h, w).to(x.dtype)
+
+
+def neighbour_sum(z: torch.Tensor) -> torch.Tensor:
+    """sum_j w_ij z_j over each pixel's 8 neighbours with KERNEL's weights, (M, 1, H, W); zero padding,
+    so out-of-image neighbours weigh nothing. Eight shifted adds: with float64 conv2d on a 2-core CPU,
+    ROAD of 108 images took 6.5 s instead of 1.6 s."""
+    h, w = z.shape[-2:]
+    padded = F.pad(z, (1, 1, 1, 1))
+    out = torch.zeros_like(z)
+    for dy in range(3):
+        for dx in range(3):
+            if KERNEL[dy, dx]:
+                out += float(KERNEL[dy, dx]) * padded[..., dy:dy + h, dx:dx + w]
+    return out
 
 
 @torch.no_grad()
