@@ -196,8 +196,12 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
             torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename, so a machine crash cannot empty it either
-    except BaseException:  # Ctrl-C or a full disk mid-write: leave no half file behind
+    except BaseException as e:  # Ctrl-C or a full disk mid-write: leave no half file behind
         tmp.unlink(missing_ok=True)
+        if isinstance(e.__context__, KeyboardInterrupt) and not isinstance(e, KeyboardInterrupt):
+            # Ctrl-C (or SIGTERM) inside torch.save: its zip writer fails closing the cut-off archive
+            # ("unexpected pos"), which would hide the interrupt behind a traceback.
+            raise e.__context__ from None
         raise
     os.replace(tmp, path)
 

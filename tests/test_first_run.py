@@ -12,6 +12,7 @@
 7. The report's trust part spoke in identifiers and was titled after the runs/latest link.
 8. explain.py was silent for minutes in a log, every epoch ended in an unexplained `*`, image files
    filled the summary one line each, and Grad-CAM printed `mean|delta| nan`.
+9. Ctrl-C inside torch.save ended in a traceback (found by .ci/run, not by a user).
 """
 import csv
 import shutil
@@ -224,3 +225,18 @@ def test_the_epoch_star_only_marks_a_selection(select, tmp_path, capsys):
         assert not any(line.endswith("*") for line in epochs) and "* marks" not in out
     else:
         assert epochs[0].endswith("*") and "* marks an epoch with a new best validation acc" in out
+
+
+def test_ctrl_c_inside_torch_save_stays_an_interrupt(tmp_path, monkeypatch):
+    """Found by .ci/run: a Ctrl-C landing inside torch.save made its zip writer raise RuntimeError on
+    the way out, so the run ended in a traceback instead of exit 130 and a resume hint."""
+    def interrupted_save(obj, f):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+    monkeypatch.setattr(M.torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        M.save_checkpoint(tmp_path / "last.pt", {"epoch": 1})
+    assert list(tmp_path.iterdir()) == []  # no half-written file left behind
+
