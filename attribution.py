@@ -1,4 +1,6 @@
-"""Attribution methods: Integrated Gradients, SmoothGrad and Grad-CAM, behind one registry.
+"""Attribution methods behind one registry: Integrated Gradients (black, blurred or mean-colour
+reference), SmoothGrad, expected gradients, occlusion, and the CAM family (Grad-CAM, Grad-CAM++,
+HiResCAM, LayerCAM).
 
     from attribution import METHODS, AttributionSettings
     method = METHODS["ig"]
@@ -14,13 +16,14 @@ cover it (shape, storage round trip, resume).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
+from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion
 
 from data import normalize
 
@@ -30,7 +33,9 @@ class AttributionSettings:
     """The knobs of the methods (explain.py's config extends this class, so each is a flag)."""
     ig_steps: int = field(default=50, metadata={"min": 1, "help": "IG integration steps (Captum's default); fewer leave a larger completeness error: see --trust"})
     ig_method: str = field(default="gausslegendre", metadata={"help": "IG quadrature", "choices": ("gausslegendre", "riemann_trapezoid", "riemann_middle")})
-    baseline: str = field(default="black", metadata={"help": "IG reference image", "choices": ("black", "blur", "mean")})
+    baseline: str = field(default="black", metadata={"help": "IG reference image (and occlusion's fill): black pixels, a Gaussian blur (sigma = 1/7 of the side, Sturmfels et al. 2020), a box blur over half the image, or the mean colour", "choices": ("black", "gaussian", "blur", "mean")})
+    eg_samples: int = field(default=32, metadata={"min": 1, "help": "expected gradients: (reference, point on the path) draws per map"})
+    eg_references: int = field(default=256, metadata={"min": 1, "help": "expected gradients: reference images drawn (seeded) from the training split, else the explained one"})
     ig_internal_batch: int = field(default=128, metadata={"min": 1, "help": "images x steps per IG forward/backward: bounds memory; 128 is fastest on CPU, GPUs like more"})
     nt_samples: int = field(default=10, metadata={"min": 1, "help": "SmoothGrad: noisy copies per image"})
     nt_stdev: float = field(default=0.15, metadata={"min": 0.0, "help": "SmoothGrad: noise std in input units (inputs span [-1, 1])"})
@@ -47,13 +52,28 @@ class Attribution:
 
 
 def make_baseline(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """IG reference in the model's input space: black pixels, a heavy blur, or the mean colour."""
+    """IG reference in the model's input space: black pixels, a Gaussian or a box blur, or the mean colour."""
     if kind == "black":
         return torch.full_like(x, normalize(torch.zeros(1, dtype=torch.uint8)).item())
     if kind == "mean":
         return x.mean((2, 3), keepdim=True).expand_as(x).contiguous()
+    if kind == "gaussian":
+        return gaussian_blur(x, x.shape[-1] / 7)
     k = x.shape[-1] // 4 * 2 + 1  # a box blur over about half the image removes all structure
     return F.avg_pool2d(F.pad(x, [k // 2] * 4, mode="reflect"), k, stride=1)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur with reflected borders, the kernel cut at 3 sigma (and inside the image)."""
+    h, w = x.shape[-2:]
+    radius = min(math.ceil(3 * sigma), h - 1, w - 1)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    out = F.pad(x, [radius] * 4, mode="reflect")
+    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 def _ig(model, x, baseline, target, s: AttributionSettings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,8 +114,104 @@ def gradcam(model, layer, x, target, s: AttributionSettings, seeds) -> Attributi
     return Attribution(up[:, 0], raw=raw[:, 0])
 
 
+def expected_gradients(model, layer, x, target, s: AttributionSettings, seeds) -> Attribution:
+    """Expected gradients (Erion et al., 2021; Captum's GradientShap without input noise): the mean of
+    (x - r) * grad f(r + a (x - r)) over references r drawn from the data and a ~ U(0, 1).
+
+    The references are `s.references` (normalised images; explain.py draws them, seeded, from the
+    training split). Each map draws its --eg-samples (reference, a) pairs from its own seed, so a map
+    is the same whichever batch computes it. The delta is sum(map) - (f(x) - mean f(r)) over the
+    drawn references: completeness holds in expectation only, so it shrinks with more samples."""
+    refs = getattr(s, "references", None)
+    if refs is None:
+        raise ValueError("expected gradients needs reference images: set settings.references")
+    n, k = len(x), s.eg_samples
+    draws = [np.random.default_rng(int(seed)) for seed in seeds]
+    pick = torch.from_numpy(np.stack([g.integers(0, len(refs), k) for g in draws])).to(refs.device)
+    alpha = torch.from_numpy(np.stack([g.random(k) for g in draws])).to(x.device, x.dtype)
+    r = refs[pick.flatten()].to(x.dtype).view(n, k, *x.shape[1:])
+    diff = x[:, None] - r
+    points = (r + alpha[:, :, None, None, None] * diff).flatten(0, 1)
+    t = target.repeat_interleave(k)
+    grads, ref_logits = [], []
+    for start in range(0, n * k, s.ig_internal_batch):
+        p = points[start:start + s.ig_internal_batch].detach().contiguous(memory_format=torch.channels_last)
+        p.requires_grad_(True)
+        with torch.enable_grad():
+            out = model(p).float().gather(1, t[start:start + len(p), None]).sum()
+            grads.append(torch.autograd.grad(out, p)[0])
+    with torch.no_grad():
+        for start in range(0, n * k, s.ig_internal_batch):
+            ref_logits.append(model(r.flatten(0, 1)[start:start + s.ig_internal_batch].contiguous(
+                memory_format=torch.channels_last)).float().gather(1, t[start:start + s.ig_internal_batch, None])[:, 0])
+        gap = model(x).float().gather(1, target[:, None])[:, 0] - torch.cat(ref_logits).view(n, k).mean(1)
+    attr = (diff * torch.cat(grads).view(n, k, *x.shape[1:])).mean(1)
+    return Attribution(attr, delta=attr.flatten(1).double().sum(1) - gap.double())
+
+
+def occlusion(model, layer, x, target, s: AttributionSettings, seeds) -> Attribution:
+    """Occlusion (Zeiler and Fergus, 2014; Captum's): the drop in the target logit when a square of
+    1/7 of the side (4 px at 28) is replaced by the reference image (--baseline), sliding by half a
+    square; each pixel gets the mean drop of the squares covering it, split evenly over the channels
+    so that the channel sum is that drop."""
+    c, h = x.shape[1], x.shape[-1]
+    side = max(2, h // 7)
+    with torch.no_grad():
+        attr = Occlusion(model).attribute(x, sliding_window_shapes=(c, side, side), strides=(c, side // 2, side // 2),
+                                          baselines=make_baseline(x, s.baseline), target=target,
+                                          perturbations_per_eval=max(1, s.ig_internal_batch // len(x)))
+    return Attribution(attr / c)
+
+
+def _activations_and_gradients(model, layer, x, target) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's output A and the gradient of the target logit with respect to it, (N, K, h, w) each."""
+    seen = {}
+    hook = layer.register_forward_hook(lambda module, args, out: seen.__setitem__("a", out))
+    try:
+        with torch.enable_grad():
+            out = model(x.detach().requires_grad_(True)).float().gather(1, target[:, None]).sum()
+            grad = torch.autograd.grad(out, seen["a"])[0]
+    finally:
+        hook.remove()
+    return seen["a"].detach().float(), grad.detach().float()
+
+
+def _cam(cam_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    """A CAM method from its rule (A, dY/dA) -> (N, h, w) map: ReLU, then bilinear upsampling to the input."""
+    def method(model, layer, x, target, s: AttributionSettings, seeds) -> Attribution:
+        raw = F.relu(cam_of(*_activations_and_gradients(model, layer, x, target)))[:, None]
+        up = F.interpolate(raw, tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+        return Attribution(up[:, 0], raw=raw[:, 0])
+    method.__doc__ = cam_of.__doc__
+    return method
+
+
+def _gradcampp(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM++ (Chattopadhay et al., 2018): channel weights sum(alpha * ReLU(g)) with the closed-form
+    alpha = g^2 / (2 g^2 + sum(A) g^3) of an exponential output (0 where g = 0)."""
+    g2, g3 = g * g, g * g * g
+    denom = 2 * g2 + a.sum((2, 3), keepdim=True) * g3
+    alpha = torch.where(g != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)), torch.zeros_like(g))
+    return ((alpha * F.relu(g)).sum((2, 3), keepdim=True) * a).sum(1)
+
+
+def _hirescam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """HiResCAM (Draelos and Carin, 2020): the element-wise product of gradient and activation, summed
+    over channels; unlike Grad-CAM's averaged gradients it provably reflects the layer's evidence."""
+    return (g * a).sum(1)
+
+
+def _layercam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """LayerCAM (Jiang et al., 2021): activations weighted by their positive gradient, per position."""
+    return (F.relu(g) * a).sum(1)
+
+
 def _ig_params(s: AttributionSettings, layer: str) -> dict:
     return {"steps": s.ig_steps, "quadrature": s.ig_method, "baseline": s.baseline, "output": "logit"}
+
+
+def _cam_params(s: AttributionSettings, layer: str) -> dict:
+    return {"layer": layer, "relu": True, "upsample": "bilinear"}
 
 
 @dataclass(frozen=True)
@@ -103,13 +219,21 @@ class Method:
     attribute: Callable[..., Attribution]
     params: Callable[[AttributionSettings, str], dict]  # (settings, Grad-CAM layer name) -> database key
     complete: bool = False  # its maps sum to f(x) - f(baseline) up to the delta (IG's completeness)
+    cam: bool = False       # a map of the model's Grad-CAM layer (non-negative, N x H x W), else of the input
 
 
 METHODS = {
     "ig": Method(integrated_gradients, _ig_params, complete=True),
     "smoothgrad": Method(smoothgrad, lambda s, layer: {**_ig_params(s, layer), "nt_samples": s.nt_samples,
                                                        "stdev": s.nt_stdev, "noise": "per-map seed"}),
-    "gradcam": Method(gradcam, lambda s, layer: {"layer": layer, "relu": True, "upsample": "bilinear"}),
+    "expected_gradients": Method(expected_gradients, lambda s, layer: {
+        "samples": s.eg_samples, "references": s.eg_references, "output": "logit"}),
+    "occlusion": Method(occlusion, lambda s, layer: {"window": "side/7", "stride": "window/2", "fill": s.baseline,
+                                                     "output": "logit"}),
+    "gradcam": Method(gradcam, _cam_params, cam=True),
+    "gradcam++": Method(_cam(_gradcampp), _cam_params, cam=True),
+    "hirescam": Method(_cam(_hirescam), _cam_params, cam=True),
+    "layercam": Method(_cam(_layercam), _cam_params, cam=True),
 }
 
 
