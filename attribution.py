@@ -35,7 +35,7 @@ class AttributionSettings:
     ig_method: str = field(default="gausslegendre", metadata={"help": "IG quadrature", "choices": ("gausslegendre", "riemann_trapezoid", "riemann_middle")})
     baseline: str = field(default="black", metadata={"help": "IG reference image (and occlusion's fill): black pixels, a Gaussian blur (sigma = 1/7 of the side, Sturmfels et al. 2020), a box blur over half the image, or the mean colour", "choices": ("black", "gaussian", "blur", "mean")})
     eg_samples: int = field(default=32, metadata={"min": 1, "help": "expected gradients: (reference, point on the path) draws per map"})
-    eg_references: int = field(default=256, metadata={"min": 1, "help": "expected gradients: reference images drawn (seeded) from the training split, else the explained one"})
+    eg_references: int = field(default=256, metadata={"min": 1, "help": "expected gradients: reference images, a seeded draw from the explained split (its images only, not labels)"})
     ig_internal_batch: int = field(default=128, metadata={"min": 1, "help": "images x steps per IG forward/backward: bounds memory; 128 is fastest on CPU, GPUs like more"})
     nt_samples: int = field(default=10, metadata={"min": 1, "help": "SmoothGrad: noisy copies per image"})
     nt_stdev: float = field(default=0.15, metadata={"min": 0.0, "help": "SmoothGrad: noise std in input units (inputs span [-1, 1])"})
@@ -118,8 +118,8 @@ def expected_gradients(model, layer, x, target, s: AttributionSettings, seeds) -
     """Expected gradients (Erion et al., 2021; Captum's GradientShap without input noise): the mean of
     (x - r) * grad f(r + a (x - r)) over references r drawn from the data and a ~ U(0, 1).
 
-    The references are `s.references` (normalised images; explain.py draws them, seeded, from the
-    training split). Each map draws its --eg-samples (reference, a) pairs from its own seed, so a map
+    The references are `s.references` (normalised images; explain.py draws --eg-references of them,
+    seeded, from the split it explains). Each map draws its --eg-samples (reference, a) pairs from its own seed, so a map
     is the same whichever batch computes it. The delta is sum(map) - (f(x) - mean f(r)) over the
     drawn references: completeness holds in expectation only, so it shrinks with more samples."""
     refs = getattr(s, "references", None)
@@ -220,21 +220,28 @@ class Method:
     params: Callable[[AttributionSettings, str], dict]  # (settings, Grad-CAM layer name) -> database key
     complete: bool = False  # its maps sum to f(x) - f(baseline) up to the delta (IG's completeness)
     cam: bool = False       # a map of the model's Grad-CAM layer (non-negative, N x H x W), else of the input
+    title: str = ""         # its name in figures
 
 
 METHODS = {
-    "ig": Method(integrated_gradients, _ig_params, complete=True),
+    "ig": Method(integrated_gradients, _ig_params, complete=True, title="IG"),
     "smoothgrad": Method(smoothgrad, lambda s, layer: {**_ig_params(s, layer), "nt_samples": s.nt_samples,
-                                                       "stdev": s.nt_stdev, "noise": "per-map seed"}),
+                                                       "stdev": s.nt_stdev, "noise": "per-map seed"}, title="SmoothGrad"),
     "expected_gradients": Method(expected_gradients, lambda s, layer: {
-        "samples": s.eg_samples, "references": s.eg_references, "output": "logit"}),
+        "samples": s.eg_samples, "references": s.eg_references, "drawn": "seed 0 from the split", "output": "logit"}, title="expected gradients"),
     "occlusion": Method(occlusion, lambda s, layer: {"window": "side/7", "stride": "window/2", "fill": s.baseline,
-                                                     "output": "logit"}),
-    "gradcam": Method(gradcam, _cam_params, cam=True),
-    "gradcam++": Method(_cam(_gradcampp), _cam_params, cam=True),
-    "hirescam": Method(_cam(_hirescam), _cam_params, cam=True),
-    "layercam": Method(_cam(_layercam), _cam_params, cam=True),
+                                                     "output": "logit"}, title="occlusion"),
+    "gradcam": Method(gradcam, _cam_params, cam=True, title="Grad-CAM"),
+    "gradcam++": Method(_cam(_gradcampp), _cam_params, cam=True, title="Grad-CAM++"),
+    "hirescam": Method(_cam(_hirescam), _cam_params, cam=True, title="HiResCAM"),
+    "layercam": Method(_cam(_layercam), _cam_params, cam=True, title="LayerCAM"),
 }
+
+
+def draw_references(images_uint8: torch.Tensor, n: int, device) -> torch.Tensor:
+    """Expected gradients' reference images: n (at most all) drawn without replacement, seed 0, normalised."""
+    pick = np.sort(np.random.default_rng(0).permutation(len(images_uint8))[:n])
+    return normalize(images_uint8[torch.from_numpy(pick)].to(device)).contiguous(memory_format=torch.channels_last)
 
 
 def as_stored(maps: torch.Tensor, dtype: str) -> np.ndarray:

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attribution import METHODS, AttributionSettings
+from attribution import METHODS, AttributionSettings, draw_references
 from data import BINARY, TUMOR_CLASS, DataError, data_for_run, file_digest
 from db import FILE_SPLIT, UNKNOWN_LABEL, DatabaseError, ExplanationDB, StoreError, check_sources
 from db_run import RunStore
@@ -50,7 +50,7 @@ from figures import plot_examples, plot_tiles, plot_trust, tile_row
 from gallery import report_html
 from model import GRADCAM_LAYERS, CheckpointError, gradcam_layer, inference_copy, load_checkpoint, predict
 from report import write_csv
-from runtime import distributed, exit_with_one_line, parse_config
+from runtime import AMP_CHOICES, amp_dtype, distributed, exit_with_one_line, parse_config, precision_name
 from tiles import TileError, file_label, find_images, read_tile
 from trust import TrustSettings
 from trust_run import measure_trust, print_trust
@@ -69,6 +69,7 @@ class ExplainConfig(AttributionSettings, TrustSettings):
     only_errors: bool = field(default=False, metadata={"help": "only misclassified images"})
     targets: str = field(default="auto", metadata={"help": "class to explain; auto: the predicted one, and for a binary task (--task tumor) the positive class (cancer), whatever was predicted", "choices": ("auto", "predicted", "true", "both")})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
+    amp: str = field(default="auto", metadata={"help": "precision of the predictions that choose the explained class, as evaluate.py's --amp (so the class explained is the class evaluate.py reported); the maps themselves are computed in float32", "choices": AMP_CHOICES})
     figures: bool = field(default=True, metadata={"help": "draw images/ig_examples.png, gradcam_examples.png (and the --trust figures)"})
     trust: bool = field(default=False, metadata={"help": "then test the maps: completeness, sanity, deletion/insertion, localisation, agreement"})
     shard: str = field(default="", metadata={"help": "K/N: explain only the K-th of N slices of the selected images (1-based); no figures or --trust"})
@@ -87,6 +88,9 @@ class ExplainConfig(AttributionSettings, TrustSettings):
             return f"--shard must be K/N with 1 <= K <= N, got {self.shard!r}"
         if self.merge_from and (self.shard or not self.merge_list):
             return "--merge-from takes comma-separated database paths and no --shard"
+        if self.images and "expected_gradients" in self.method_list:
+            return ("expected_gradients draws its reference images from a split; with --images choose other "
+                    "--methods")
         if self.images and (self.trust or self.report or self.shard or self.indices or self.classes or self.only_errors
                             or self.n):
             return ("--images explains every file given; --trust, --report, --shard, --indices, --classes, "
@@ -136,7 +140,7 @@ def run(cfg: ExplainConfig, device, rank: int = 0, world: int = 1) -> dict:
 
     # Predictions decide the explained class and the selection (--only-errors); a shard takes its
     # slice of the whole selection, so every shard must see the same predictions.
-    scores = predict(model, split.images, 128, device, data.task)  # float32: the class IG explains
+    scores = predict(model, split.images, 128, device, data.task, cfg.amp)  # evaluate.py's precision
     pred, conf, labels = scores.argmax(1), scores.max(1), split.labels.numpy()
     idx = select(labels, pred, cfg)
     whole = not cfg.shard  # figures and --trust need the whole selection
@@ -157,9 +161,11 @@ def run(cfg: ExplainConfig, device, rank: int = 0, world: int = 1) -> dict:
         sample_ids = store.add_samples(idx, labels[idx])
         work = work_list(idx, labels, pred, conf, sample_ids, data.key, cfg.split,
                          target_rule(cfg.targets, data.task))
-        settings = store.add_settings(method_params(cfg, mcfg["model"]))
+        settings = store.add_settings(method_params(cfg, mcfg["model"], device))
         fast = inference_copy(model)  # BatchNorm folded, channels_last: IG 1.5x faster on CPU
         layer = gradcam_layer(fast, mcfg["model"])
+        if "expected_gradients" in settings:
+            cfg.references = draw_references(split.images, cfg.eg_references, device)
         print(f"{len(work)} maps per method for {len(idx)} images: {', '.join(settings)}")
         for method, setting_id in settings.items():
             n = compute_maps(store, setting_id, fast, layer, split.images, work, method, cfg, device)
@@ -188,9 +194,12 @@ def run(cfg: ExplainConfig, device, rank: int = 0, world: int = 1) -> dict:
     return {"config": asdict(cfg), "summary": summary, "trust": trust}
 
 
-def method_params(cfg: ExplainConfig, model_name: str) -> dict[str, dict]:
-    """Each --methods entry with the parameters its maps are stored under (its setting)."""
-    return {m: METHODS[m].params(cfg, GRADCAM_LAYERS[model_name]) for m in cfg.method_list}
+def method_params(cfg: ExplainConfig, model_name: str, device) -> dict[str, dict]:
+    """Each --methods entry with the parameters its maps are stored under (its setting), and the
+    precision of the predictions whose class it explains (stored with the setting)."""
+    prediction = precision_name(amp_dtype(cfg.amp, device))
+    return {m: {**METHODS[m].params(cfg, GRADCAM_LAYERS[model_name]), "prediction": prediction}
+            for m in cfg.method_list}
 
 
 def refuse_multi_label(task: str, source: str) -> None:
@@ -247,7 +256,7 @@ def explain_files(cfg: ExplainConfig, model, mcfg: dict, arch: dict, device, ran
     with ExplanationDB(cfg.db) as db:
         store = RunStore.open(db, checkpoint_sha256=file_digest(cfg.checkpoint, "sha256"), model=mcfg["model"],
                               config=mcfg, dataset="files", size=size, split=FILE_SPLIT)
-        settings = store.add_settings(method_params(cfg, mcfg["model"]))
+        settings = store.add_settings(method_params(cfg, mcfg["model"], device))
         fast = inference_copy(model)
         layer = gradcam_layer(fast, mcfg["model"])
         for start in range(0, len(files), cfg.batch_size):
@@ -267,7 +276,7 @@ def explain_files(cfg: ExplainConfig, model, mcfg: dict, arch: dict, device, ran
             if not tiles:
                 continue
             x = torch.stack([t.small for t in tiles])
-            scores = predict(model, x, 128, device, task)
+            scores = predict(model, x, 128, device, task, cfg.amp)
             pred, conf = scores.argmax(1), scores.max(1)
             new = [i for i, t in enumerate(tiles) if first.setdefault(t.sha256, t.path) == t.path]
             work = file_work(tiles, new, np.array(sample_ids), pred, conf, rule)

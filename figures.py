@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from attribution import METHODS
 from metrics import roc_auc
 
 DPI = 150
@@ -163,29 +164,30 @@ def plot_examples(images, rows: dict, class_names, method: str, path, title: str
         colour = "black" if rows["label"][r] == rows["predicted"][r] else "red"
         ax0.set_title(textwrap.fill(f"true: {label}", 30) + "\n" + textwrap.fill(
             f"pred: {pred} (p={rows['confidence'][r]:.2f})", 30), fontsize=7, color=colour)
-        if method == "gradcam":
+        if METHODS[method].cam:
             lim = max(float(m.max()), 1e-12)
             im = ax1.imshow(m, cmap="gray", vmin=0, vmax=lim, interpolation="bilinear")
             raw = rows["raw"][r] if rows.get("raw") is not None else m
             frame = "\n(flat inside: the border is zero padding)" if padding_frame(raw) else ""
-            ax1.set_title(textwrap.fill(f"Grad-CAM ({class_names[rows['target'][r]]})", 30) + frame, fontsize=7)
+            ax1.set_title(textwrap.fill(f"{METHODS[method].title} ({class_names[rows['target'][r]]})", 30) + frame,
+                          fontsize=7)
             ax2.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
             ax2.imshow(m, cmap="jet", alpha=0.45, vmin=0, vmax=lim, interpolation="bilinear")
             ax2.set_title("heat-map overlay", fontsize=8)
         else:
             lim = max(float(np.percentile(np.abs(m), 99.5)), 1e-12)
             im = ax1.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-            ax1.set_title(textwrap.fill(f"IG for {class_names[rows['target'][r]]}", 30), fontsize=7)
+            ax1.set_title(textwrap.fill(f"{METHODS[method].title} for {class_names[rows['target'][r]]}", 30), fontsize=7)
             ax2.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
             pos = np.clip(m / lim, 0, 1)
             ax2.imshow(np.dstack([np.ones_like(pos), np.zeros_like(pos), np.zeros_like(pos), 0.8 * pos]),
                        interpolation="nearest")
-            ax2.set_title("positive IG in red", fontsize=8)
+            ax2.set_title("positive part in red", fontsize=8)
         colour_scale(fig, im, ax1)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
-    if method == "gradcam":
+    if METHODS[method].cam:
         fig.supxlabel(PADDING_NOTE, fontsize=7)
     return save_figure(fig, path, title)
 
@@ -256,7 +258,7 @@ def plot_tiles(rows: list[dict], path, title: str) -> Path:
             stored, target = row["maps"][method]
             m = torch.from_numpy(np.asarray(stored, np.float32))
             m = m.sum(0) if m.ndim == 3 else m
-            smooth = method == "gradcam"
+            smooth = METHODS[method].cam
             m = torch.nn.functional.interpolate(m[None, None], size=(h, w), mode="bilinear" if smooth else "nearest",
                                                 **({"align_corners": False} if smooth else {}))[0, 0].numpy()
             show(ax_over, full)
@@ -265,7 +267,7 @@ def plot_tiles(rows: list[dict], path, title: str) -> Path:
                 im = ax_map.imshow(m, cmap="gray", vmin=0, vmax=lim)
                 ax_over.imshow(m, cmap="jet", alpha=0.45, vmin=0, vmax=lim)
                 frame = "\n(flat inside: the border is\nzero padding, not evidence)" if padding_frame(stored) else ""
-                ax_map.set_title(textwrap.fill(f"Grad-CAM for {target}", 28) + frame, fontsize=7)
+                ax_map.set_title(textwrap.fill(f"{METHODS[method].title} for {target}", 28) + frame, fontsize=7)
                 ax_over.set_title("heat-map overlay", fontsize=7)
             else:
                 lim = max(float(np.percentile(np.abs(m), 99.5)), 1e-12)
@@ -273,13 +275,13 @@ def plot_tiles(rows: list[dict], path, title: str) -> Path:
                 pos = np.clip(m / lim, 0, 1)
                 ax_over.imshow(np.dstack([np.ones_like(pos), np.zeros_like(pos), np.zeros_like(pos), 0.8 * pos]),
                                interpolation="nearest")
-                ax_map.set_title(textwrap.fill(f"{'IG' if method == 'ig' else method} for {target} (signed)", 28), fontsize=7)
+                ax_map.set_title(textwrap.fill(f"{METHODS[method].title} for {target} (signed)", 28), fontsize=7)
                 ax_over.set_title("positive part in red", fontsize=7)
             colour_scale(fig, im, ax_map)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
-    if "gradcam" in methods:
+    if any(METHODS[m].cam for m in methods):
         fig.supxlabel(PADDING_NOTE, fontsize=7)
     return save_figure(fig, path, title)
 

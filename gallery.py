@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from attribution import METHODS
+
 ZOOM = 3  # on-screen pixels per image pixel at 28 px (pixelated, so the tissue's texture stays visible)
 
 # Every stored trust metric in words: (short label, which way is better, what it measures). The page
@@ -72,6 +74,12 @@ METRIC_TEXT = {
                   "pixels (10-90%), filled from their neighbours"),
     "road_lerf": ("ROAD, bottom pixels removed", HIGHER, "mean class probability after removing the map's least "
                   "relevant pixels (10-90%), filled from their neighbours"),
+    "smprt_spearman": ("sMPRT: same map after randomising, denoised", LOWER, "rank correlation of |map| with the "
+                       "randomised model's, each map first averaged over noisy copies of the image (Hedström et al., "
+                       "2023); near 0: the map depends on what the model learned, not on gradient noise"),
+    "emprt": ("eMPRT: complexity rise after randomising", HIGHER, "relative rise of the entropy of the map's values "
+              "when all weights are re-initialised (Hedström et al., 2023); above 0: destroying what the model "
+              "learned makes the map noisier"),
     "relevance_mass": ("share inside the evidence", HIGHER, "share of the positive attribution inside the known "
                        "evidence mask (synthetic data)"),
     "pointing_game": ("peak inside the evidence", HIGHER, "whether the map's maximum lies inside the evidence mask "
@@ -102,7 +110,7 @@ def overlays(images: np.ndarray, maps: np.ndarray, method: str) -> np.ndarray:
     percentile of |map| (figures.plot_examples' rules)."""
     img = images.astype(np.float32) / 255
     m = maps.sum(1) if maps.ndim == 4 else maps
-    if method == "gradcam":
+    if METHODS[method].cam:
         lim = np.maximum(m.max((1, 2), keepdims=True), 1e-12)
         colour = matplotlib.colormaps["jet"](np.clip(m / lim, 0, 1))[..., :3]
         alpha = np.full(m.shape + (1,), 0.45, np.float32)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from attribution import METHODS, Attribution, attribute_batches, integrated_gradients, make_baseline
 from data import normalize
+from mprt import efficient_mprt, smooth_mprt
 from road import FRACTIONS, bootstrap_interval, road_curves
 from road import combined as road_combined
 
@@ -45,6 +46,7 @@ class TrustSettings:
     trust_steps: str = field(default="4,8,16,32,64,128", metadata={"help": "completeness: IG step counts tried on the --trust-n images"})
     curve_steps: int = field(default=20, metadata={"min": 1, "help": "deletion/insertion: K steps along the fraction of pixels switched"})
     trust_seed: int = field(default=0, metadata={"help": "seeds re-initialisation, random pixel orders and tie breaks"})
+    smprt_samples: int = field(default=10, metadata={"min": 1, "help": "sMPRT: noisy copies averaged per map (Quantus uses 50 on ImageNet)"})
 
     @property
     def trust_step_list(self) -> list[int]:
@@ -354,8 +356,12 @@ def summarise_steps_needed(values, ctx) -> dict[str, Summary]:
     return {"steps_for_tol": Summary(s["needed"], len(values["_label"]), s)}
 
 
+def _layer(ctx: Context, m: Maps) -> str | None:
+    return ctx.layer_name if METHODS[m.method].cam else None
+
+
 def measure_sanity(ctx: Context, m: Maps):
-    layer = ctx.layer_name if m.method == "gradcam" else None
+    layer = _layer(ctx, m)
     out = sanity_check(ctx.model, layer, METHODS[m.method].attribute, m.images, torch.from_numpy(m.target),
                        m.maps, ctx.cfg, ctx.device, m.seeds)
     return {"sanity_spearman_abs": out["per_map_abs"][:, -1], "sanity_spearman_signed": out["per_map_signed"][:, -1],
@@ -430,6 +436,18 @@ def summarise_road(values, ctx) -> dict[str, Summary]:
                                          for o in ("morf", "lerf") for s in ("", "_random", "_edge")}})}
 
 
+def measure_smprt(ctx: Context, m: Maps):
+    rho = smooth_mprt(ctx.model, _layer(ctx, m), METHODS[m.method].attribute, m.images, torch.from_numpy(m.target),
+                      ctx.cfg, ctx.device, m.seeds, randomisation_stages(ctx.model))
+    return {"smprt_spearman": rho}
+
+
+def measure_emprt(ctx: Context, m: Maps):
+    out = efficient_mprt(ctx.model, _layer(ctx, m), METHODS[m.method].attribute, m.images, torch.from_numpy(m.target),
+                         ctx.cfg, ctx.device, m.seeds, randomisation_stages(ctx.model))
+    return {"emprt": out["emprt"]}
+
+
 @dataclass(frozen=True)
 class Metric:
     measure: Callable[[Context, Maps], dict[str, np.ndarray] | None]
@@ -444,6 +462,8 @@ METRICS = {
     "sanity": Metric(measure_sanity, summarise_sanity, expensive=True),
     "deletion_insertion": Metric(measure_deletion, summarise_deletion, expensive=True),
     "road": Metric(measure_road, summarise_road, expensive=True),
+    "smprt": Metric(measure_smprt, expensive=True),
+    "emprt": Metric(measure_emprt, expensive=True),
 }
 
 

@@ -112,6 +112,10 @@ def print_trust(rows: list[dict]) -> None:
             print(f"{model:9s} {method:10s} ROAD combined {r['value']:+.3f} (random map {d['random']:+.3f}, "
                   f"edges {d['edge']:+.3f}): {d['minus_random']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] over "
                   f"random (n={r['n']}; higher: removing the map's top pixels costs the class more than its bottom)")
+        if sid and "smprt_spearman" in m:
+            print(f"{model:9s} {method:10s} sMPRT ρ {m['smprt_spearman']['value']:+.3f} (lower: the denoised map changes "
+                  f"when the model is randomised), eMPRT {m.get('emprt', {}).get('value', np.nan):+.3f} (higher: "
+                  f"randomising makes the map more complex), n={m['smprt_spearman']['n']}")
     for (model, _, _, sid), m in per_setting.items():
         if sid:
             continue

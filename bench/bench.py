@@ -6,6 +6,8 @@
     python bench/bench.py --json table.json  # also write the table as JSON
     python bench/bench.py --train amp=off --explain ig_steps=32   # ours with other settings
     python bench/bench.py accuracy           # both training recipes, 3 seeds: test accuracy
+    python bench/bench.py real               # real-image cross-validation of the training recipes (bench/cv.py)
+    python bench/bench.py xai                # the explanation leaderboard on real folds (bench/xai.py)
 
 The data is our synthetic set written as pathmnist.npz (MedMNIST layout, no masks) in a temp folder;
 the seed reads it through medmnist.PathMNIST, ours through data.load_data. Other processes share
@@ -304,7 +306,7 @@ def accuracy(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("mode", nargs="?", default="speed", choices=("speed", "accuracy", "real"))
+    p.add_argument("mode", nargs="?", default="speed", choices=("speed", "accuracy", "real", "xai"))
     p.add_argument("--quick", action="store_true", help="smoke run: small sizes, one run")
     p.add_argument("--only", default=",".join(SECTIONS),
                    type=lambda v: [k for k in v.split(",") if k], help="speed: the sections to run")
@@ -318,11 +320,11 @@ def main() -> None:
                    "40 for real)")
     p.add_argument("--patience", type=int, default=10, help="real: early stopping after this many epochs without a "
                    "better validation score")
-    p.add_argument("--seeds", type=int, default=3, help="accuracy, real: training seeds")
+    p.add_argument("--seeds", type=int, default=3, help="accuracy, real, xai: training seeds")
     p.add_argument("--train", nargs="*", default=[], help="training.Recipe overrides for ours, KEY=VALUE")
     p.add_argument("--variants", default="", help="real: our recipes to compare, 'NAME=KEY=VALUE,KEY=VALUE ...' "
                    "(default: ours as shipped, with --train)")
-    p.add_argument("--folds", type=int, default=5, help="real: cross-validation folds")
+    p.add_argument("--folds", type=int, default=5, help="real, xai: cross-validation folds")
     p.add_argument("--real", default=str(BENCH.parents[1] / "shared" / "data" / "pathmnist28_real_test718.npz"),
                    help="real: the 718 real test-split images")
     p.add_argument("--no-seed-recipe", action="store_true", help="real: leave out the seed's recipe")
@@ -330,12 +332,14 @@ def main() -> None:
                    help="real: the 9 classes, or cancer vs non-cancer (ours and the colour baseline only)")
     p.add_argument("--explain", nargs="*", default=[], help="AttributionSettings overrides for ours (explain.py's IG settings), KEY=VALUE")
     p.add_argument("--tmp", default="", help="folder for the temporary data and databases (a real disk)")
+    p.add_argument("--rand-n", type=int, default=16, help="xai: images per fold for the randomisation checks")
+    p.add_argument("--figure", default="", help="xai: also draw the ROAD curves into this PNG")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     args = p.parse_args()
     if set(args.only) - set(SECTIONS):
         p.error(f"--only takes a comma-separated subset of {','.join(SECTIONS)}")
     args.n_train = args.n_train or (4096 if args.mode == "speed" else 10000)
-    args.epochs = args.epochs or (40 if args.mode == "real" else 4)
+    args.epochs = args.epochs or (40 if args.mode in ("real", "xai") else 4)
     if args.quick:
         args.runs, args.n_train, args.n_test, args.n_ig, args.n_store = 1, 1024, 512, 8, 128
         args.epochs, args.seeds = 1, 2
@@ -352,6 +356,15 @@ def main() -> None:
                          patience=args.patience,
                          seed_recipe=not args.no_seed_recipe and args.task == "classes", task=args.task)
         cv.report(results)
+    elif args.mode == "xai":
+        import xai
+        print(f"machine: {machine()}", flush=True)
+        results = xai.run(Path(args.real), k=2 if args.quick else args.folds, seeds=2 if args.quick else args.seeds,
+                          epochs=3 if args.quick else args.epochs, rand_n=4 if args.quick else args.rand_n,
+                          n_per_fold=12 if args.quick else 0)
+        print(xai.report(results))
+        if args.figure:
+            print(f"wrote {xai.figure(results, Path(args.figure))}")
     else:
         results = accuracy(args)
     if args.json:

@@ -1,6 +1,7 @@
 """explain.py: IG completeness, Grad-CAM against a hand computation, the database round trip,
 resume after a crash, image selection, bad inputs and figures, on a 60-image synthetic test split."""
 import contextlib
+import json
 import dataclasses
 import hashlib
 import re
@@ -79,7 +80,10 @@ def light_pred(nets, split) -> np.ndarray:
 
 
 def cli(checkpoint, db, *args, figures: bool = False) -> dict:
-    return X.main(["--checkpoint", str(checkpoint), "--db", str(db), "--device", "cpu",
+    """explain.py's main; predictions in float32 (--amp off) unless args say otherwise, so that the
+    stored predicted classes can be compared with light_pred's exactly on every CPU."""
+    amp = [] if "--amp" in args else ["--amp", "off"]
+    return X.main(["--checkpoint", str(checkpoint), "--db", str(db), "--device", "cpu", *amp,
                    *([] if figures else ["--no-figures"]), *map(str, args)])
 
 
@@ -482,3 +486,24 @@ def test_smoothgrad_resume_is_reproducible(ckpt, tmp_path, monkeypatch):
     cli(ckpt["lightcnn"], tmp_path / "clean.db", *args)
     a, b = read(tmp_path / "resumed.db"), read(tmp_path / "clean.db")
     assert a["maps"].tobytes() == b["maps"].tobytes()
+
+
+@pytest.mark.parametrize("amp", ["auto", "on"])
+def test_the_explained_class_is_the_class_evaluate_reported(ckpt, tmp_path, amp):
+    """evaluate.py and explain.py predict in the same precision (--amp auto by default, bfloat16 on
+    CPUs that have it; "on" forces bfloat16 on any CPU), so the class a map explains is the class the
+    score file reports, and the stored setting says which precision chose it."""
+    import evaluate as E
+    from runtime import amp_dtype, precision_name
+    from scores import read_scores_csv
+    E.main(["--checkpoint", str(ckpt["lightcnn"]), "--device", "cpu", "--amp", amp, "--out", str(tmp_path / "eval")])
+    (score_file,) = (tmp_path / "eval").glob("*.csv")
+    _, _, scores = read_scores_csv(score_file)
+    cli(ckpt["lightcnn"], tmp_path / "x.db", "--amp", amp, "--methods", "gradcam")
+    rows = read(tmp_path / "x.db", method="gradcam")
+    assert len(rows["index"]) == len(scores)
+    np.testing.assert_array_equal(rows["predicted"], scores.argmax(1)[rows["index"]])
+    np.testing.assert_array_equal(rows["target"], rows["predicted"])
+    with contextlib.closing(sqlite3.connect(tmp_path / "x.db")) as conn:
+        (params,), = conn.execute("SELECT params_json FROM settings WHERE method = 'gradcam'").fetchall()
+    assert json.loads(params)["prediction"] == precision_name(amp_dtype(amp, torch.device("cpu")))

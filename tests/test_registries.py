@@ -32,6 +32,10 @@ def split():
 
 
 SETTINGS = A.AttributionSettings(ig_steps=4, nt_samples=2, batch_size=4)
+# expected gradients' references, drawn as explain.py draws them from the split it explains
+SETTINGS.references = A.draw_references(
+    D.load_data("synthetic", 28, splits=("test",), synthetic_sizes=SIZES).splits["test"].images,
+    SETTINGS.eg_references, "cpu")
 
 
 @pytest.mark.parametrize("name", sorted(A.METHODS))

@@ -210,7 +210,8 @@ def test_trust_end_to_end(checkpoint, split, net, tmp_path, monkeypatch, capsys)
         summary = {(r["method"], r["name"]): r for r in d.summary_metrics()}
         per_ig = {n: d.sample_metrics(n, method="ig") for n in ("rel_delta", "deletion_auc", "relevance_mass")}
         ig = d.maps(method="ig")
-    names = {"sanity_spearman", "deletion_auc", "insertion_auc", "relevance_mass", "pointing_game", "road_combined"}
+    names = {"sanity_spearman", "deletion_auc", "insertion_auc", "relevance_mass", "pointing_game", "road_combined",
+             "smprt_spearman", "emprt"}
     assert {n for m, n in summary if m == "gradcam"} == names
     assert {n for m, n in summary if m == "ig"} == names | {"rel_delta", "steps_for_tol", "deletion_auc_abs",
                                                              "insertion_auc_abs"}
