@@ -151,7 +151,7 @@ def report_html(db, model_id: int, dataset: str, size: int, split: str, images: 
             metric_names.append(f"{method}:{name}")
             for a, value in zip(v["attribution_id"].tolist(), v["value"].tolist()):
                 if a in ids and np.isfinite(value):
-                    cards[ids[a]]["m"][method][name] = round(float(value), 4)
+                    cards[ids[a]]["m"][method][name] = float(f"{value:.4g}")  # 4 significant digits: the sign of a small value stays
     order = sorted(cards)  # the atlas position of each card: by image index, then target
     rgb = images.permute(0, 2, 3, 1).numpy()
     rgb = np.repeat(rgb, 3, -1) if rgb.shape[-1] == 1 else rgb

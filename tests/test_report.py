@@ -79,6 +79,15 @@ def test_filters_show_the_database_count(report, hash_, filters):
     assert shown(dom) == db_count(db, **filters) > 0
 
 
+@pytest.mark.parametrize("which", ["above", "below"])
+def test_the_road_filter_keeps_the_maps_on_its_side_of_random(report, which):
+    db, page = report
+    with ExplanationDB(db) as d:
+        v = d.sample_metrics("road_vs_random", method="gradcam", split="test")["value"]
+    dom, _ = browse(page, f"#method=gradcam&road={which}")
+    assert len(v) == 60 and shown(dom) == int(((v > 0) if which == "above" else (v <= 0)).sum()) > 0
+
+
 def test_sorting_by_a_metric_puts_its_extreme_first(report):
     db, page = report
     with ExplanationDB(db) as d:
