@@ -38,8 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 48
 SIZES = f"10,10,{N_IMAGES}"  # train/val/test: explain.py rebuilds this test split from the checkpoint
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-# Both targets of an image (most are errors), float32 blobs so maps compare bit for bit, 12 chunks.
-FLAGS = ("--device", "cpu", "--methods", "ig,gradcam", "--ig-steps", 4, "--batch-size", 4, "--targets", "both",
+# Both targets of an image (most are errors), float32 blobs so maps compare bit for bit, 12 chunks;
+# predictions in float32 (--amp off) as expected_keys() makes them, whatever the CPU's bfloat16 support.
+FLAGS = ("--device", "cpu", "--amp", "off", "--methods", "ig,gradcam", "--ig-steps", 4, "--batch-size", 4, "--targets", "both",
          "--store-dtype", "float32")
 
 

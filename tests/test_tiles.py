@@ -112,8 +112,9 @@ def folder(tmp_path):
 
 
 def run(ckpt_path, db, out, *paths, extra=()):
-    return X.main(["--checkpoint", str(ckpt_path), "--db", str(db), "--device", "cpu", "--files-out", str(out),
-                   "--images", *map(str, paths), "--labels-from-names", *extra])
+    """explain.py --images, predicting in float32 (--amp off) like the plain forward pass it is checked with."""
+    return X.main(["--checkpoint", str(ckpt_path), "--db", str(db), "--device", "cpu", "--amp", "off",
+                   "--files-out", str(out), "--images", *map(str, paths), "--labels-from-names", *extra])
 
 
 def test_images_are_predicted_stored_by_content_and_bad_files_named(ckpt, folder, tmp_path, capsys, hand_gradcam):
