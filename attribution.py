@@ -1,5 +1,5 @@
 """Attribution methods behind one registry: Integrated Gradients (black, blurred or mean-colour
-reference), SmoothGrad, expected gradients, occlusion, and the CAM family (Grad-CAM, Grad-CAM++,
+reference), Blur IG, SmoothGrad, expected gradients, occlusion, and the CAM family (Grad-CAM, Grad-CAM++,
 HiResCAM, LayerCAM).
 
     from attribution import METHODS, AttributionSettings
@@ -33,7 +33,7 @@ class AttributionSettings:
     """The knobs of the methods (explain.py's config extends this class, so each is a flag)."""
     ig_steps: int = field(default=50, metadata={"min": 1, "help": "IG integration steps (Captum's default); fewer leave a larger completeness error: see --trust"})
     ig_method: str = field(default="gausslegendre", metadata={"help": "IG quadrature", "choices": ("gausslegendre", "riemann_trapezoid", "riemann_middle")})
-    baseline: str = field(default="black", metadata={"help": "IG reference image (and occlusion's fill): black pixels, a Gaussian blur (sigma = 1/7 of the side, Sturmfels et al. 2020), a box blur over half the image, or the mean colour", "choices": ("black", "gaussian", "blur", "mean")})
+    baseline: str = field(default="gaussian", metadata={"help": "IG reference image (and occlusion's fill): a Gaussian blur (sigma = 1/7 of the side, Sturmfels et al. 2020; the default, chosen by bench/bench.py xai), black pixels, a box blur over half the image, or the mean colour", "choices": ("gaussian", "black", "blur", "mean")})
     eg_samples: int = field(default=32, metadata={"min": 1, "help": "expected gradients: (reference, point on the path) draws per map"})
     eg_references: int = field(default=256, metadata={"min": 1, "help": "expected gradients: reference images, a seeded draw from the explained split (its images only, not labels)"})
     ig_internal_batch: int = field(default=128, metadata={"min": 1, "help": "images x steps per IG forward/backward: bounds memory; 128 is fastest on CPU, GPUs like more"})
@@ -64,7 +64,10 @@ def make_baseline(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur with reflected borders, the kernel cut at 3 sigma (and inside the image)."""
+    """Separable Gaussian blur with reflected borders, the kernel cut at 3 sigma (and inside the image);
+    sigma 0 is the image itself."""
+    if sigma <= 0:
+        return x
     h, w = x.shape[-2:]
     radius = min(math.ceil(3 * sigma), h - 1, w - 1)
     t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
@@ -88,6 +91,30 @@ def integrated_gradients(model, layer, x, target, s: AttributionSettings, seeds)
     """Integrated Gradients of the target logit (Sundararajan et al., 2017)."""
     attr, delta = _ig(model, x, make_baseline(x, s.baseline), target, s)
     return Attribution(attr, delta=delta)
+
+
+def blur_ig(model, layer, x, target, s: AttributionSettings, seeds) -> Attribution:
+    """Blur IG (Xu et al., CVPR 2020): IG along the scale-space path from the image blurred with a
+    Gaussian of sigma = 1/7 of the side (the --baseline gaussian image) to the image itself, instead of
+    the straight line between them. The path is cut at --ig-steps equally spaced sigmas; each segment
+    contributes its exact change (x_k+1 - x_k) times the gradient at its midpoint sigma, so the map
+    sums to f(x) - f(blurred x) up to the delta, which shrinks with more steps."""
+    n, k = len(x), s.ig_steps
+    sigmas = [x.shape[-1] / 7 * (1 - i / k) for i in range(k + 1)]  # from the blurred end to x
+    per_pass = max(1, s.ig_internal_batch // n)  # path points per forward/backward: n images each
+    attr = torch.zeros_like(x)
+    for first in range(0, k, per_pass):
+        steps = range(first, min(k, first + per_pass))
+        mids = torch.cat([gaussian_blur(x, (sigmas[i] + sigmas[i + 1]) / 2) for i in steps])
+        mids = mids.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        with torch.enable_grad():
+            out = model(mids).float().gather(1, target.repeat(len(steps))[:, None]).sum()
+            grads = torch.autograd.grad(out, mids)[0].view(len(steps), n, *x.shape[1:])
+        for j, i in enumerate(steps):
+            attr += (gaussian_blur(x, sigmas[i + 1]) - gaussian_blur(x, sigmas[i])) * grads[j]
+    with torch.no_grad():  # sigmas[0] is side/7: the path starts at make_baseline(x, "gaussian")
+        gap = (model(x).float() - model(gaussian_blur(x, sigmas[0])).float()).gather(1, target[:, None])[:, 0]
+    return Attribution(attr, delta=attr.flatten(1).double().sum(1) - gap.double())
 
 
 def smoothgrad(model, layer, x, target, s: AttributionSettings, seeds) -> Attribution:
@@ -151,13 +178,14 @@ def expected_gradients(model, layer, x, target, s: AttributionSettings, seeds) -
 
 def occlusion(model, layer, x, target, s: AttributionSettings, seeds) -> Attribution:
     """Occlusion (Zeiler and Fergus, 2014; Captum's): the drop in the target logit when a square of
-    1/7 of the side (4 px at 28) is replaced by the reference image (--baseline), sliding by half a
-    square; each pixel gets the mean drop of the squares covering it, split evenly over the channels
-    so that the channel sum is that drop."""
+    1/14 of the side (2 px at 28, 16 at 224) is replaced by the reference image (--baseline), the
+    squares tiling the image; each pixel gets its square's drop, split evenly over the channels so
+    that the channel sum is that drop. (Squares of 1/7 sliding by half gave a coarser map that ranked
+    worse by ROAD on the real folds: bench/bench.py xai, docs/trust.md.)"""
     c, h = x.shape[1], x.shape[-1]
-    side = max(2, h // 7)
+    side = max(1, h // 14)
     with torch.no_grad():
-        attr = Occlusion(model).attribute(x, sliding_window_shapes=(c, side, side), strides=(c, side // 2, side // 2),
+        attr = Occlusion(model).attribute(x, sliding_window_shapes=(c, side, side), strides=(c, side, side),
                                           baselines=make_baseline(x, s.baseline), target=target,
                                           perturbations_per_eval=max(1, s.ig_internal_batch // len(x)))
     return Attribution(attr / c)
@@ -218,18 +246,22 @@ def _cam_params(s: AttributionSettings, layer: str) -> dict:
 class Method:
     attribute: Callable[..., Attribution]
     params: Callable[[AttributionSettings, str], dict]  # (settings, Grad-CAM layer name) -> database key
-    complete: bool = False  # its maps sum to f(x) - f(baseline) up to the delta (IG's completeness)
+    reference: Callable[[torch.Tensor, AttributionSettings], torch.Tensor] | None = None  # for completeness:
+    # the maps sum to f(x) - f(reference(x)) up to the stored delta, which fewer steps make larger
     cam: bool = False       # a map of the model's Grad-CAM layer (non-negative, N x H x W), else of the input
     title: str = ""         # its name in figures
 
 
 METHODS = {
-    "ig": Method(integrated_gradients, _ig_params, complete=True, title="IG"),
+    "ig": Method(integrated_gradients, _ig_params, reference=lambda x, s: make_baseline(x, s.baseline), title="IG"),
+    "blur_ig": Method(blur_ig, lambda s, layer: {"steps": s.ig_steps, "path": "gaussian scale space",
+                                                 "sigma": "side/7", "rule": "midpoint", "output": "logit"},
+                      reference=lambda x, s: make_baseline(x, "gaussian"), title="Blur IG"),
     "smoothgrad": Method(smoothgrad, lambda s, layer: {**_ig_params(s, layer), "nt_samples": s.nt_samples,
                                                        "stdev": s.nt_stdev, "noise": "per-map seed"}, title="SmoothGrad"),
     "expected_gradients": Method(expected_gradients, lambda s, layer: {
         "samples": s.eg_samples, "references": s.eg_references, "drawn": "seed 0 from the split", "output": "logit"}, title="expected gradients"),
-    "occlusion": Method(occlusion, lambda s, layer: {"window": "side/7", "stride": "window/2", "fill": s.baseline,
+    "occlusion": Method(occlusion, lambda s, layer: {"window": "side/14", "stride": "window", "fill": s.baseline,
                                                      "output": "logit"}, title="occlusion"),
     "gradcam": Method(gradcam, _cam_params, cam=True, title="Grad-CAM"),
     "gradcam++": Method(_cam(_gradcampp), _cam_params, cam=True, title="Grad-CAM++"),

@@ -1,6 +1,8 @@
-"""Explain a trained model's predictions with Integrated Gradients and Grad-CAM, stored in SQLite.
+"""Explain a trained model's predictions (by default Blur IG and occlusion, the methods that rank pixels
+best on real tissue; IG, SmoothGrad, expected gradients and the Grad-CAM family on request), stored in SQLite.
 
-    python explain.py --checkpoint runs/latest/best.pt                  # whole test split, IG + Grad-CAM
+    python explain.py --checkpoint runs/latest/best.pt                  # whole test split, Blur IG + occlusion
+    python explain.py --checkpoint RUN/best.pt --methods ig,gradcam      # IG (Gaussian-blur baseline) + Grad-CAM
     python explain.py --checkpoint RUN/best.pt --n 200 --only-errors     # the first 200 mistakes
     python explain.py --checkpoint RUN/best.pt --methods smoothgrad --indices 3,14,15
     python explain.py --checkpoint RUN/best.pt --trust --trust-n 256    # ... and can the maps be trusted?
@@ -23,9 +25,10 @@ each, joined with --merge-from. Figures and --trust need the whole selection: ru
 --images explains image files instead of a split (tiles.py: MedMNIST's resize), stores them keyed
 by content hash, prints and writes predictions.csv and draws each at its own resolution.
 
---trust then measures whether the stored maps reflect the model (trust.METRICS: IG completeness,
-the cascading parameter-randomisation sanity check, ROAD (road.py), black-fill deletion and
-insertion, localisation against the evidence masks of synthetic data) and IG-vs-Grad-CAM agreement, each against a random or
+--trust then measures whether the stored maps reflect the model (trust.METRICS: IG and Blur IG
+completeness, the cascading, smooth and efficient model-randomisation checks (MPRT, sMPRT, eMPRT),
+ROAD (road.py), black-fill deletion and insertion (confounded on tissue: read ROAD), localisation
+against the evidence masks of synthetic data) and IG-vs-Grad-CAM agreement, each against a random or
 model-blind baseline. The numbers go into the database next to the maps, a table is printed and
 images/sanity_check.png, deletion_insertion.png and localisation.png are drawn.
 """
@@ -60,7 +63,7 @@ from trust_run import measure_trust, print_trust
 class ExplainConfig(AttributionSettings, TrustSettings):
     checkpoint: str = field(default="runs/latest/best.pt", metadata={"help": "checkpoint written by train.py"})
     db: str = field(default="explanations.db", metadata={"help": "SQLite database the maps are stored in"})
-    methods: str = field(default="ig,gradcam", metadata={"help": f"comma-separated, from: {', '.join(METHODS)}"})
+    methods: str = field(default="blur_ig,occlusion", metadata={"help": f"comma-separated, from: {', '.join(METHODS)}; the default: the gradient method and the perturbation method that rank pixels best by ROAD on real tissue (bench/bench.py xai)"})
     split: str = field(default="test", metadata={"help": "split to explain", "choices": ("train", "val", "test")})
     data_dir: str = field(default="", metadata={"help": "data folder or .npz file (default: the checkpoint's)"})
     n: int = field(default=0, metadata={"min": 0, "help": "explain the first N selected images (0: all)"})
@@ -70,8 +73,8 @@ class ExplainConfig(AttributionSettings, TrustSettings):
     targets: str = field(default="auto", metadata={"help": "class to explain; auto: the predicted one, and for a binary task (--task tumor) the positive class (cancer), whatever was predicted", "choices": ("auto", "predicted", "true", "both")})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
     amp: str = field(default="auto", metadata={"help": "precision of the predictions that choose the explained class, as evaluate.py's --amp (so the class explained is the class evaluate.py reported); the maps themselves are computed in float32", "choices": AMP_CHOICES})
-    figures: bool = field(default=True, metadata={"help": "draw images/ig_examples.png, gradcam_examples.png (and the --trust figures)"})
-    trust: bool = field(default=False, metadata={"help": "then test the maps: completeness, sanity, deletion/insertion, localisation, agreement"})
+    figures: bool = field(default=True, metadata={"help": "draw images/METHOD_examples.png for each method (and the --trust figures)"})
+    trust: bool = field(default=False, metadata={"help": "then test the maps: completeness, model randomisation (MPRT, sMPRT, eMPRT), ROAD, deletion/insertion, localisation, agreement"})
     shard: str = field(default="", metadata={"help": "K/N: explain only the K-th of N slices of the selected images (1-based); no figures or --trust"})
     images: list[str] = field(default_factory=list, metadata={"nargs": "+", "help": "explain these image files, or every PNG/JPEG/TIFF under these folders, instead of a split: any size, RGB, RGBA or grayscale, resized to the model's input as MedMNIST made its images (PIL's antialiased bilinear, matched on a real tile: tiles.py), stored keyed by each file's SHA-256"})
     labels_from_names: bool = field(default=False, metadata={"help": "with --images: a file's true class is the PathMNIST code in its name (ADI, BACK, DEB, LYM, MUC, MUS, NORM, STR, TUM: TUM-TCGA-AAHIDTWA.jpg is 8)"})
@@ -170,7 +173,7 @@ def run(cfg: ExplainConfig, device, rank: int = 0, world: int = 1) -> dict:
         for method, setting_id in settings.items():
             n = compute_maps(store, setting_id, fast, layer, split.images, work, method, cfg, device)
             print(f"{method}: {n} maps written, {len(work) - n} already in {cfg.db}")
-            if whole and cfg.figures and method in ("ig", "gradcam") and len(idx):
+            if whole and cfg.figures and len(idx):
                 rows = store.maps(setting_id, indices=idx.tolist())
                 pick = one_per_class(rows, data.num_classes)
                 picked = {k: v[pick] for k, v in rows.items() if v is not None}

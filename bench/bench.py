@@ -241,16 +241,16 @@ def as_seed_built_it(model):
 
 def bench_ig(args, ecfg, model, seed_model, images, record):
     """Seed vs ours with the seed's zero reference (like for like), and explain.py as shipped."""
-    zero, black = torch.zeros_like, lambda x: make_baseline(x, ecfg.baseline)
+    zero, shipped = torch.zeros_like, lambda x: make_baseline(x, ecfg.baseline)
     for _ in range(args.runs):
         a, b, c = [], [], []
         t = race(seed_ig(seed_model, images, ecfg.batch_size, a), our_ig(model, images, ecfg, True, b),
                  our_ig(model, images, ecfg, False, c))
-        delta = [relative_delta(model, images, ref, out) for ref, out in ((zero, a), (zero, b), (black, c))]
+        delta = [relative_delta(model, images, ref, out) for ref, out in ((zero, a), (zero, b), (shipped, c))]
         record("IG explanations/s (zero baseline both)", len(images) / t[0], len(images) / t[1])
         record("IG mean relative delta (zero baseline both)", delta[0], delta[1])
         record("IG explanations/s (ours: explain.py as shipped)", len(images) / t[0], len(images) / t[2])
-        record("IG mean relative delta (ours: as shipped, black)", delta[0], delta[2])
+        record(f"IG mean relative delta (ours: as shipped, {ecfg.baseline} baseline)", delta[0], delta[2])
     return torch.cat([o[0] for o in c]), torch.cat([o[1] for o in c]).numpy()
 
 
@@ -334,6 +334,8 @@ def main() -> None:
     p.add_argument("--tmp", default="", help="folder for the temporary data and databases (a real disk)")
     p.add_argument("--rand-n", type=int, default=16, help="xai: images per fold for the randomisation checks")
     p.add_argument("--figure", default="", help="xai: also draw the ROAD curves into this PNG")
+    p.add_argument("--entries", default="", help="xai: only the entries whose name contains one of these "
+                   "comma-separated words (case-insensitive), e.g. occlusion,Grad-CAM")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     args = p.parse_args()
     if set(args.only) - set(SECTIONS):
@@ -361,7 +363,7 @@ def main() -> None:
         print(f"machine: {machine()}", flush=True)
         results = xai.run(Path(args.real), k=2 if args.quick else args.folds, seeds=2 if args.quick else args.seeds,
                           epochs=3 if args.quick else args.epochs, rand_n=4 if args.quick else args.rand_n,
-                          n_per_fold=12 if args.quick else 0)
+                          n_per_fold=12 if args.quick else 0, entries=xai.pick(args.entries))
         print(xai.report(results))
         if args.figure:
             print(f"wrote {xai.figure(results, Path(args.figure))}")

@@ -1,9 +1,10 @@
 """The explanation leaderboard: every attribution method over the real cross-validation folds, ranked
 by ROAD, with the randomisation checks, repeatability across training seeds and the time per map.
 
-    python bench/bench.py xai                  # 5 folds x 3 seeds on the 718 real images (~30 min, 2 cores)
+    python bench/bench.py xai                  # 5 folds x 3 seeds on the 718 real images (~80 min, 2 cores)
     python bench/bench.py xai --quick          # 2 folds x 2 seeds, 24 images each: a smoke run
     python bench/bench.py xai --json xai.json --figure road.png
+    python bench/bench.py xai --entries occlusion,grad-cam   # only these entries (same folds, seeds, models)
 
 Each (fold, seed) trains LightCNN with our default recipe (bench/cv.py, 40 epochs, the protocol of
 `bench/bench.py real`) on the other folds and explains its held-out fold, the predicted class of every
@@ -42,6 +43,7 @@ from trust import edge_control, nanmean, pixel_scores, randomisation_stages, spe
 ENTRIES = {
     "IG, black reference": ("ig", {"baseline": "black"}),
     "IG, Gaussian-blur reference": ("ig", {"baseline": "gaussian"}),
+    "Blur IG (scale-space path)": ("blur_ig", {}),
     "IG, box-blur reference": ("ig", {"baseline": "blur"}),
     "IG, mean-colour reference": ("ig", {"baseline": "mean"}),
     "SmoothGrad (IG, Gaussian blur)": ("smoothgrad", {"baseline": "gaussian"}),
@@ -60,6 +62,17 @@ class Settings(AttributionSettings):
     """explain.py's knobs for the methods plus those of the randomisation checks."""
     trust_seed = 0
     smprt_samples = 10
+
+
+def pick(words: str) -> list[str] | None:
+    """The ENTRIES whose name contains one of the comma-separated words (None: all of them)."""
+    words = [w.strip().lower() for w in words.split(",") if w.strip()]
+    if not words:
+        return None
+    chosen = [e for e in ENTRIES if any(w in e.lower() for w in words)]
+    if not chosen:
+        raise SystemExit(f"--entries {','.join(words)!r} matches none of: {'; '.join(ENTRIES)}")
+    return chosen
 
 
 def explain(entry: str, net, x_uint8: torch.Tensor, targets: torch.Tensor, seeds, refs: torch.Tensor) -> torch.Tensor:

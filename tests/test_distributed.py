@@ -125,14 +125,16 @@ def test_torchrun_explain_shards_into_one_database(tmp_path):
     everything), then rank 0 alone draws the figures; the maps equal a single process's."""
     import train
     from db import ExplanationDB
+    from explain import ExplainConfig
+    methods = ExplainConfig().methods.split(",")  # the defaults: one figure each
     run = train.main([*FLAGS, "--epochs", "1", "--out", str(tmp_path / "run")])
     args = ["--checkpoint", str(run / "best.pt"), "--device", "cpu", "--ig-steps", "8", "--batch-size", "8"]
     p = torchrun(tmp_path, *args, "--db", str(tmp_path / "two.db"), script=REPO / "explain.py")
     assert p.stdout.count("shard 1/2: 24 of 48") == 1 and p.stdout.count("shard 2/2: 24 of 48") == 1
-    assert p.stdout.count("wrote ") == 2  # ig_examples.png and gradcam_examples.png, by rank 0 only
+    assert p.stdout.count("wrote ") == len(methods)  # METHOD_examples.png, by rank 0 only
     subprocess.run([sys.executable, str(REPO / "explain.py"), *args, "--db", str(tmp_path / "one.db"), "--no-figures"],
                    cwd=tmp_path, check=True, capture_output=True)
-    for method in ("ig", "gradcam"):
+    for method in methods:
         with ExplanationDB(tmp_path / "two.db") as a, ExplanationDB(tmp_path / "one.db") as b:
             ra, rb = a.maps(method=method), b.maps(method=method)
         assert ra["index"].tolist() == rb["index"].tolist() == list(range(48))  # each image once

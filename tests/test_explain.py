@@ -81,9 +81,11 @@ def light_pred(nets, split) -> np.ndarray:
 
 def cli(checkpoint, db, *args, figures: bool = False) -> dict:
     """explain.py's main; predictions in float32 (--amp off) unless args say otherwise, so that the
-    stored predicted classes can be compared with light_pred's exactly on every CPU."""
+    stored predicted classes can be compared with light_pred's exactly on every CPU; IG and Grad-CAM
+    (the methods these tests compute by hand) unless args name others."""
     amp = [] if "--amp" in args else ["--amp", "off"]
-    return X.main(["--checkpoint", str(checkpoint), "--db", str(db), "--device", "cpu", *amp,
+    methods = [] if "--methods" in args else ["--methods", "ig,gradcam"]
+    return X.main(["--checkpoint", str(checkpoint), "--db", str(db), "--device", "cpu", *amp, *methods,
                    *([] if figures else ["--no-figures"]), *map(str, args)])
 
 

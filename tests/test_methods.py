@@ -1,5 +1,5 @@
 """The attribution methods beyond IG and Grad-CAM, each against an independent computation:
-Grad-CAM++, HiResCAM and LayerCAM against pytorch-grad-cam (a test-only dependency), occlusion and
+Grad-CAM++, HiResCAM and LayerCAM against pytorch-grad-cam (a test-only dependency), occlusion, Blur IG and
 expected gradients against their definitions computed by hand, the Gaussian-blur IG reference
 against scipy's filter."""
 import numpy as np
@@ -54,24 +54,22 @@ def test_hirescam_and_layercam_differ_from_gradcam(real, net):
     assert (maps["layercam"] - maps["gradcam"]).abs().max() > 1e-3
 
 
-def test_occlusion_is_the_mean_drop_of_the_covering_squares(real, net):
-    """By hand for three pixels of one image: the 4x4 squares (stride 2) that cover the pixel, each
-    filled with the black reference, and the mean drop of the target logit."""
-    s = A.AttributionSettings(baseline="black")
+def test_occlusion_is_the_drop_of_each_pixels_square(real, net):
+    """By hand for four pixels of one image: the 2x2 square (1/14 of the side; the squares tile the
+    image) that holds the pixel, filled with the Gaussian-blur reference, and the drop of the target
+    logit; two pixels of one square get the same value."""
+    s = A.AttributionSettings(baseline="gaussian")
     x, t = real[:1], torch.tensor([3])
     got = A.occlusion(net, None, x, t, s, None).maps[0].sum(0)
-    fill = A.make_baseline(x, "black")
+    fill = A.make_baseline(x, "gaussian")
     with torch.no_grad():
         full = net(x)[0, 3]
-        for (i, j) in [(0, 0), (13, 6), (27, 27)]:
-            drops = []
-            for top in range(0, 25, 2):
-                for left in range(0, 25, 2):
-                    if top <= i < top + 4 and left <= j < left + 4:
-                        y = x.clone()
-                        y[..., top:top + 4, left:left + 4] = fill[..., top:top + 4, left:left + 4]
-                        drops.append(float(full - net(y)[0, 3]))
-            assert got[i, j].item() == pytest.approx(np.mean(drops), abs=1e-4)
+        for (i, j) in [(0, 0), (13, 6), (12, 7), (27, 27)]:
+            top, left = i // 2 * 2, j // 2 * 2
+            y = x.clone()
+            y[..., top:top + 2, left:left + 2] = fill[..., top:top + 2, left:left + 2]
+            assert got[i, j].item() == pytest.approx(float(full - net(y)[0, 3]), abs=1e-4)
+    assert got[13, 6] == got[12, 7] and got.unique().numel() == 14 * 14
 
 
 def test_expected_gradients_with_one_reference_is_ig_from_it(real, net):
@@ -108,3 +106,25 @@ def test_gaussian_reference_equals_scipys_blur(real):
     ours = A.make_baseline(real, "gaussian")  # sigma = 28 / 7 = 4 px, cut at 3 sigma
     theirs = ndimage.gaussian_filter(real.numpy().astype(np.float64), sigma=(0, 0, 4, 4), mode="mirror", truncate=3.0)
     np.testing.assert_allclose(ours.numpy(), theirs, atol=1e-5)
+
+
+def test_blur_ig_sums_to_the_logit_change_from_the_blurred_image_and_differs_from_ig(real, net):
+    """Blur IG's map sums to f(x) - f(gaussian reference) computed here, its error shrinking with the
+    steps (the path is not the straight line, so only in the limit); its first path point is the
+    Gaussian reference IG starts from, yet the maps differ (another path)."""
+    with torch.no_grad():
+        t = net(real).argmax(1)
+        gap = (net(real) - net(A.make_baseline(real, "gaussian"))).gather(1, t[:, None])[:, 0].double()
+    errors = []
+    for steps in (8, 64):
+        out = A.METHODS["blur_ig"].attribute(net, None, real, t, A.AttributionSettings(ig_steps=steps), None)
+        total = out.maps.detach().flatten(1).double().sum(1)
+        np.testing.assert_allclose(out.delta.numpy(), (total - gap).numpy(), atol=1e-4)
+        errors.append((total - gap).abs().max().item())
+    assert errors[1] < errors[0] / 4 and errors[1] < 0.02 * gap.abs().max().item()
+    ig = A.METHODS["ig"].attribute(net, None, real, t, A.AttributionSettings(baseline="gaussian"), None).maps
+    rho = np.corrcoef(ig.flatten().numpy(), out.maps.detach().flatten().numpy())[0, 1]
+    assert 0.2 < rho < 0.99
+    # A batch of 3 path points per pass gives the maps of one pass per point
+    one = A.METHODS["blur_ig"].attribute(net, None, real, t, A.AttributionSettings(ig_steps=64, ig_internal_batch=40), None)
+    np.testing.assert_allclose(one.maps.detach().numpy(), out.maps.detach().numpy(), atol=1e-5)

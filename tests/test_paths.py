@@ -82,14 +82,15 @@ def test_ig_completeness_at_224(resnet224, tiles224):
     (ResNet-50's own error at 16 steps is large, 0.23 measured: its integrand has many kinks.)"""
     torch.manual_seed(0)
     quad, t = Quadratic().eval(), torch.tensor([0, 8])
-    out = A.integrated_gradients(quad, None, tiles224, t, A.AttributionSettings(ig_steps=4), None)
+    out = A.integrated_gradients(quad, None, tiles224, t, A.AttributionSettings(ig_steps=4, baseline="black"), None)
     with torch.no_grad():
         gap = (quad(tiles224) - quad(A.make_baseline(tiles224, "black"))).gather(1, t[:, None])[:, 0].double()
     assert out.maps.shape == (2, 3, 224, 224) and (gap.abs() > 1e-3).all()
     torch.testing.assert_close(out.maps.double().sum((1, 2, 3)), gap, rtol=1e-4, atol=0)
 
     x, t = tiles224[:1], torch.tensor([0])
-    out = A.integrated_gradients(resnet224, None, x, t, A.AttributionSettings(ig_steps=8, ig_internal_batch=8), None)
+    s = A.AttributionSettings(ig_steps=8, ig_internal_batch=8, baseline="black")
+    out = A.integrated_gradients(resnet224, None, x, t, s, None)
     with torch.no_grad():
         gap = (resnet224(x)[0, 0] - resnet224(A.make_baseline(x, "black"))[0, 0]).double()
     total = out.maps.double().sum()

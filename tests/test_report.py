@@ -35,7 +35,8 @@ def report(tmp_path_factory, lightcnn_with_fitted_head):
     M.save_checkpoint(ckpt, {"model": lightcnn_with_fitted_head(300, 1e-2, 200).state_dict(), "epoch": 1,
                              "config": cfg, "arch": arch})
     db, page = root / "x.db", root / "report.html"
-    common = ["--checkpoint", str(ckpt), "--db", str(db), "--device", "cpu", "--ig-steps", "8", "--no-figures"]
+    common = ["--checkpoint", str(ckpt), "--db", str(db), "--device", "cpu", "--methods", "ig,gradcam", "--ig-steps", "8",
+              "--no-figures"]
     X.main([*common, "--n", "60", "--trust", "--trust-n", "60"])  # per-map metrics for 60
     X.main([*common, "--report", str(page)])  # all 2,000, the first 60 already stored
     return db, page

@@ -112,8 +112,9 @@ def folder(tmp_path):
 
 
 def run(ckpt_path, db, out, *paths, extra=()):
-    """explain.py --images, predicting in float32 (--amp off) like the plain forward pass it is checked with."""
-    return X.main(["--checkpoint", str(ckpt_path), "--db", str(db), "--device", "cpu", "--amp", "off",
+    """explain.py --images, predicting in float32 (--amp off) like the plain forward pass it is checked
+    with, IG and Grad-CAM maps."""
+    return X.main(["--checkpoint", str(ckpt_path), "--db", str(db), "--device", "cpu", "--amp", "off", "--methods", "ig,gradcam",
                    "--files-out", str(out), "--images", *map(str, paths), "--labels-from-names", *extra])
 
 
@@ -171,7 +172,7 @@ def test_all_bad_files_exit_non_zero_and_keep_the_database(ckpt, folder, tmp_pat
     path, _ = ckpt
     db = tmp_path / "x.db"
     run(path, db, tmp_path / "out", folder / "TUM-one.png")
-    argv = ["explain.py", "--checkpoint", str(path), "--db", str(db), "--device", "cpu", "--images",
+    argv = ["explain.py", "--checkpoint", str(path), "--db", str(db), "--device", "cpu", "--methods", "ig,gradcam", "--images",
             str(folder / "notes.png"), str(folder / "cut.png"), "--files-out", str(tmp_path / "out")]
     with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit) as e:
         mp.setattr("sys.argv", argv)
