@@ -380,7 +380,7 @@ def print_summary(summary: list[dict]) -> None:
     """What the database holds: one line per model, method and data (image files as one line)."""
     width = max([24] + [len(r["dataset"]) for r in summary])
     print(f"in the database: {'model':9s} {'checkpoint':12s} {'method':10s} {'data':{width}s} {'split':5s} "
-          f"{'maps':>6s} {'wrong':>6s} {'mean |δ|':>9s}  (δ: IG's completeness gap)")
+          f"{'maps':>6s} {'wrong':>6s} {'mean |δ|':>9s}  (δ: completeness gap of IG-type maps)")
     for row in summary:
         delta = "-" if np.isnan(row["mean_abs_delta"]) else f"{row['mean_abs_delta']:.2e}"
         print(f"{'':17s}{row['model']:9s} {row['sha256']} {row['method']:10s} {row['dataset']:{width}s} "

@@ -85,8 +85,9 @@ def print_trust(rows: list[dict]) -> None:
     per_setting = {}
     for r in rows:
         per_setting.setdefault((r["model"], r["sha256"], r["method"] or "", r["setting_id"] or 0), {})[r["name"]] = r
-    print("trust (n: images of the expensive checks; relΔ = |IG delta| / |f(x)-f(baseline)|; steps95: IG steps "
-          "for 95% under --trust-tol; sanity ρ: Spearman |map| after randomising all layers; m/rnd: map vs random; "
+    print("trust (n: images of the expensive checks; relΔ = |delta| / |f(x)-f(reference)| of IG and Blur IG; "
+          "steps95: path steps for 95% under --trust-tol; sanity ρ: Spearman |map| after randomising all layers; "
+          "m/rnd: map vs random; black-fill deletion/insertion is confounded on tissue, read ROAD; "
           "maps ranked by their positive part, |map| rows by absolute value)")
     print(f"{'model':9s} {'method':10s} {'n':>5s} {'relΔ med':>8s} {'relΔ p90':>8s} {'steps95':>7s} "
           f"{'sanity ρ':>8s} {'deletion m/rnd':>14s} {'insertion m/rnd':>15s} {'rel.mass m/rnd':>14s} "
