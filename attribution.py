@@ -93,6 +93,13 @@ def integrated_gradients(model, layer, x, target, s: AttributionSettings, seeds)
     return Attribution(attr, delta=delta)
 
 
+def _input_gradients(model, points: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The gradient of each point's target logit with respect to that point, one forward/backward."""
+    p = points.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    with torch.enable_grad():
+        return torch.autograd.grad(model(p).float().gather(1, targets[:, None]).sum(), p)[0]
+
+
 def blur_ig(model, layer, x, target, s: AttributionSettings, seeds) -> Attribution:
     """Blur IG (Xu et al., CVPR 2020): IG along the scale-space path from the image blurred with a
     Gaussian of sigma = 1/7 of the side (the --baseline gaussian image) to the image itself, instead of
@@ -101,19 +108,19 @@ def blur_ig(model, layer, x, target, s: AttributionSettings, seeds) -> Attributi
     sums to f(x) - f(blurred x) up to the delta, which shrinks with more steps."""
     n, k = len(x), s.ig_steps
     sigmas = [x.shape[-1] / 7 * (1 - i / k) for i in range(k + 1)]  # from the blurred end to x
+    start = prev = make_baseline(x, "gaussian")  # the path's first point: the blur of sigma side/7
     per_pass = max(1, s.ig_internal_batch // n)  # path points per forward/backward: n images each
     attr = torch.zeros_like(x)
     for first in range(0, k, per_pass):
         steps = range(first, min(k, first + per_pass))
         mids = torch.cat([gaussian_blur(x, (sigmas[i] + sigmas[i + 1]) / 2) for i in steps])
-        mids = mids.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
-        with torch.enable_grad():
-            out = model(mids).float().gather(1, target.repeat(len(steps))[:, None]).sum()
-            grads = torch.autograd.grad(out, mids)[0].view(len(steps), n, *x.shape[1:])
+        grads = _input_gradients(model, mids, target.repeat(len(steps))).view(len(steps), n, *x.shape[1:])
         for j, i in enumerate(steps):
-            attr += (gaussian_blur(x, sigmas[i + 1]) - gaussian_blur(x, sigmas[i])) * grads[j]
-    with torch.no_grad():  # sigmas[0] is side/7: the path starts at make_baseline(x, "gaussian")
-        gap = (model(x).float() - model(gaussian_blur(x, sigmas[0])).float()).gather(1, target[:, None])[:, 0]
+            end = gaussian_blur(x, sigmas[i + 1])
+            attr += (end - prev) * grads[j]
+            prev = end
+    with torch.no_grad():
+        gap = (model(x).float() - model(start).float()).gather(1, target[:, None])[:, 0]
     return Attribution(attr, delta=attr.flatten(1).double().sum(1) - gap.double())
 
 
@@ -160,18 +167,13 @@ def expected_gradients(model, layer, x, target, s: AttributionSettings, seeds) -
     diff = x[:, None] - r
     points = (r + alpha[:, :, None, None, None] * diff).flatten(0, 1)
     t = target.repeat_interleave(k)
-    grads, ref_logits = [], []
-    for start in range(0, n * k, s.ig_internal_batch):
-        p = points[start:start + s.ig_internal_batch].detach().contiguous(memory_format=torch.channels_last)
-        p.requires_grad_(True)
-        with torch.enable_grad():
-            out = model(p).float().gather(1, t[start:start + len(p), None]).sum()
-            grads.append(torch.autograd.grad(out, p)[0])
+    b = s.ig_internal_batch
+    grads = [_input_gradients(model, points[i:i + b], t[i:i + b]) for i in range(0, n * k, b)]
     with torch.no_grad():
-        for start in range(0, n * k, s.ig_internal_batch):
-            ref_logits.append(model(r.flatten(0, 1)[start:start + s.ig_internal_batch].contiguous(
-                memory_format=torch.channels_last)).float().gather(1, t[start:start + s.ig_internal_batch, None])[:, 0])
-        gap = model(x).float().gather(1, target[:, None])[:, 0] - torch.cat(ref_logits).view(n, k).mean(1)
+        r_flat = r.flatten(0, 1)
+        ref_logits = torch.cat([model(r_flat[i:i + b].contiguous(memory_format=torch.channels_last)).float()
+                                .gather(1, t[i:i + b, None])[:, 0] for i in range(0, n * k, b)])
+        gap = model(x).float().gather(1, target[:, None])[:, 0] - ref_logits.view(n, k).mean(1)
     attr = (diff * torch.cat(grads).view(n, k, *x.shape[1:])).mean(1)
     return Attribution(attr, delta=attr.flatten(1).double().sum(1) - gap.double())
 
