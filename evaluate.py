@@ -52,7 +52,7 @@ class EvalConfig:
     run: str = field(default="", metadata={
         "help": "run name in the MedMNIST score file name; empty = the output folder's name"})
     tta: bool = field(default=False, metadata={"help": "test-time augmentation: mean probability over the 8 flips and 90-degree rotations"})
-    stain_shift: bool = field(default=False, metadata={"help": "also measure accuracy under stain, colour, blur and JPEG changes at severities 0-5 (robustness.py)"})
+    stain_shift: bool = field(default=False, metadata={"help": "also measure accuracy under 15 stain and acquisition changes (stain, each direction of brightness, contrast and saturation, hue, defocus and motion blur, pixelation, JPEG, ink and air bubbles) at severities 0-5, and their worst family (robustness.py)"})
     shift_seed: int = field(default=0, metadata={"min": 0, "help": "--stain-shift: seeds the perturbations"})
 
     def check(self) -> str | None:

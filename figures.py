@@ -416,38 +416,42 @@ def plot_localisation(named: dict, colours: dict, class_names):
 # Robustness
 
 def plot_stain_shift(result: dict, path, title: str) -> Path:
-    """Accuracy against severity, one line per perturbation (robustness.stain_shift's result)."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for i, (name, acc) in enumerate(result["accuracy"].items()):
-        ax.plot(range(len(acc)), acc, marker="o", ms=3, color=f"C{i}", label=name, lw=2.2 if name == "hed" else 1.2)
-    ax.axvline(result["centre_level"], color="0.6", ls=":", lw=1)
-    ax.text(result["centre_level"] + 0.05, 0.02, "HED: another centre", fontsize=7, color="0.4",
-            transform=ax.get_xaxis_transform())
-    ax.set(xlabel="severity level (0: the images as they are)", ylabel="accuracy", ylim=(0, 1.02), xticks=range(6))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2, loc="lower left")
-    ax.set_title(f"mean over perturbations and levels 1-5: {result['summary']:.3f} (n={result['n']})", fontsize=9)
+    """Accuracy as a table of colours: one row per perturbation family, one column per severity and
+    the family's mean over levels 1-5 (robustness.stain_shift's result); the worst family boxed."""
+    names = list(result["accuracy"])
+    acc = np.array([result["accuracy"][n] + [result["families"][n]] for n in names])
+    fig, ax = plt.subplots(figsize=(6.4, 0.32 * len(names) + 1.3))
+    ax.imshow(acc, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    for (i, j), a in np.ndenumerate(acc):
+        ax.text(j, i, f"{a:.2f}", ha="center", va="center", fontsize=7,
+                fontweight="bold" if j == acc.shape[1] - 1 else "normal")
+    worst = names.index(result["worst"])
+    ax.add_patch(plt.Rectangle((-0.5, worst - 0.5), acc.shape[1], 1, fill=False, lw=1.5, ec="black"))
+    ax.axvline(acc.shape[1] - 1.5, color="white", lw=3)
+    ax.set_xticks(range(acc.shape[1]), [f"level {k}" for k in range(6)] + ["mean 1-5"], fontsize=7)
+    ax.set_yticks(range(len(names)), [n + (" (level 4: another centre)" if n == "hed" else "") for n in names], fontsize=7)
+    ax.tick_params(length=0)
+    ax.set_title(f"mean over families and levels 1-5: {result['summary']:.3f}; worst family: {result['worst']} "
+                 f"{result['worst_mean']:.3f} (n={result['n']})", fontsize=8)
     return save_figure(fig, path, title)
 
 
 def plot_perturbation_examples(images_uint8: torch.Tensor, result: dict, path, title: str) -> Path:
-    """One row per perturbation and tile, one column per severity: what each level does to real tiles."""
+    """One column per perturbation family, one row per tile and severity: what each level does."""
     from stain import perturb
     names = list(result["accuracy"])
-    rows = [(name, k) for name in names for k in range(len(images_uint8))]
-    fig, axes = plt.subplots(len(rows), 6, figsize=(6 * 1.1, len(rows) * 1.15 + 0.4), squeeze=False,
+    rows = [(k, level) for k in range(len(images_uint8)) for level in range(6)]
+    fig, axes = plt.subplots(len(rows), len(names), figsize=(len(names) * 0.8, len(rows) * 0.8 + 0.6), squeeze=False,
                              layout="constrained")
-    for r, (name, k) in enumerate(rows):
-        for level in range(6):
+    for c, name in enumerate(names):
+        for r, (k, level) in enumerate(rows):
             img = perturb(images_uint8[k:k + 1], name, level, result["seed"])[0].permute(1, 2, 0).numpy()
-            ax = axes[r, level]
+            ax = axes[r, c]
             ax.imshow(img, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(f"level {level}", fontsize=7)
-            if level == 0:
-                ax.set_ylabel(name, fontsize=7)
-            elif k == 0:
-                ax.set_xlabel(f"{result['levels'][name][level - 1]:g}", fontsize=6, labelpad=1)
+                ax.set_title(name.replace("_", "\n"), fontsize=6)
+            if c == 0:
+                ax.set_ylabel(f"level {level}", fontsize=6)
     return save_figure(fig, path, title)

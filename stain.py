@@ -24,19 +24,29 @@ RGB_FROM_HED = F.normalize(torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11],
 HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
 OD_FLOOR = 1 / 255  # the darkest representable intensity: keeps -log finite
 
-# Severity levels 1-5 of each perturbation (level 0 is the identity); at each level every image
-# changes by the full amount, in a random direction. "hed": each image's H and E concentrations
-# scaled by 1 +- level, and shifted by +- level/3 times the image's mean concentration; level 4 (0.3)
-# is the median difference measured between the two centres' tiles (python stain.py ../shared/data:
-# a factor of 1.42 in H and 1.34 in E; README "Robustness").
+# Severity levels 1-5 of each perturbation (level 0 is the identity); each is its own family in
+# evaluate.py --stain-shift, so a direction that breaks a model is not averaged away by the other.
+# "hed": each image's H and E concentrations scaled by 1 +- level, and shifted by +- level/3 times
+# the image's mean concentration, in a random direction; level 4 (0.3) is the median difference
+# measured between the two centres' tiles (python stain.py ../shared/data: a factor of 1.42 in H and
+# 1.34 in E; docs/real-tissue.md "Calibration"). The others are set so that level 1 is barely
+# visible and level 5 is a gross fault of a scan (docs/robustness.md shows every level).
 LEVELS = {
     "hed": (0.05, 0.1, 0.2, 0.3, 0.4),
-    "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),   # intensity scaled by 1 +- level
-    "contrast": (0.1, 0.2, 0.3, 0.4, 0.5),       # deviation from the mean grey scaled by 1 +- level
-    "saturation": (0.1, 0.2, 0.3, 0.4, 0.5),     # deviation from the grey image scaled by 1 +- level
-    "hue": (0.01, 0.02, 0.04, 0.06, 0.08),       # rotation in YIQ by +- level of a full turn
-    "blur": (0.5, 0.75, 1.0, 1.25, 1.5),         # Gaussian sigma in pixels
-    "jpeg": (90, 75, 60, 45, 30),                # JPEG quality
+    "hed_offset": (0.02, 0.04, 0.06, 0.08, 0.1),      # H and E scaled by 1 +- level and shifted by +- level (OD units; Tellez et al. 2019)
+    "darker": (0.05, 0.1, 0.15, 0.2, 0.3),            # intensity x (1 - level)
+    "brighter": (0.05, 0.1, 0.15, 0.2, 0.3),          # intensity x (1 + level)
+    "less_contrast": (0.1, 0.2, 0.3, 0.4, 0.5),       # deviation from the mean grey x (1 - level)
+    "more_contrast": (0.1, 0.2, 0.3, 0.4, 0.5),       # deviation from the mean grey x (1 + level)
+    "less_saturation": (0.1, 0.2, 0.3, 0.4, 0.5),     # deviation from the grey image x (1 - level)
+    "more_saturation": (0.1, 0.2, 0.3, 0.4, 0.5),     # deviation from the grey image x (1 + level)
+    "hue": (0.01, 0.02, 0.04, 0.06, 0.08),            # rotation in YIQ by +- level of a full turn
+    "defocus": (0.5, 0.75, 1.0, 1.25, 1.5),           # disk (out-of-focus) kernel of radius 2 x level pixels at 28 px
+    "motion": (1.0, 1.5, 2.0, 2.5, 3.0),              # a line kernel of length 2 x level pixels at 28 px, at a random angle
+    "pixelate": (0.9, 0.75, 0.6, 0.45, 0.3),          # averaged down to level x the side, then enlarged back in blocks
+    "jpeg": (90, 75, 60, 45, 30),                     # JPEG quality
+    "ink": (0.04, 0.08, 0.12, 0.16, 0.2),             # a marker stroke (blue, green or black) covering this share of the image
+    "bubble": (0.15, 0.2, 0.25, 0.3, 0.35),           # an air bubble of this radius (share of the side): bright inside, dark rim
 }
 CENTRE_LEVEL = 4  # the "hed" level calibrated as another centre
 
@@ -59,16 +69,28 @@ def _draw(n: int, k: int, g: torch.Generator, device, exact: bool) -> torch.Tens
     return (u.sign() if exact else u).to(device)
 
 
-def hed_jitter(x: torch.Tensor, strength: float, g: torch.Generator, exact: bool = False) -> torch.Tensor:
+def hed_jitter(x: torch.Tensor, strength: float, g: torch.Generator, exact: bool = False,
+               offset: float = 0.0) -> torch.Tensor:
     """Each image's H and E concentrations scaled by 1 + s*u and shifted by s/3*v times the image's
-    mean concentration, u and v from _draw (Tellez et al., 2019, with a shift relative to the stain's
-    amount)."""
-    if strength <= 0:
+    mean concentration, u and v from _draw, plus `offset` * w in absolute concentration (Tellez et
+    al., 2019: a shift that does not depend on how much stain the image has)."""
+    if strength <= 0 and offset <= 0:
         return x
     c = to_hed(x)
     n = len(x)
     scale = 1 + strength * _draw(n, 2, g, x.device, exact)
     shift = strength / 3 * _draw(n, 2, g, x.device, exact) * c[:, :2].mean((2, 3))
+    if offset > 0:
+        shift = shift + offset * _draw(n, 2, g, x.device, exact)
+    he = c[:, :2] * scale[:, :, None, None] + shift[:, :, None, None]
+    return from_hed(torch.cat([he, c[:, 2:]], 1))
+
+
+def hed_offset(x, level, g, exact=True):
+    """Tellez et al.'s HED augmentation as a test: H and E scaled by 1 +- level, shifted by +- level."""
+    c = to_hed(x)
+    scale = 1 + level * _draw(len(x), 2, g, x.device, exact)
+    shift = level * _draw(len(x), 2, g, x.device, exact)
     he = c[:, :2] * scale[:, :, None, None] + shift[:, :, None, None]
     return from_hed(torch.cat([he, c[:, 2:]], 1))
 
@@ -102,6 +124,44 @@ def colour_jitter(x: torch.Tensor, strength: float, g: torch.Generator) -> torch
     return saturation(contrast(brightness(x, strength, g), strength, g), strength, g)
 
 
+def sharpness_jitter(x: torch.Tensor, strength: float, g: torch.Generator) -> torch.Tensor:
+    """Each image moved toward its Gaussian blur (sigma 1.5 pixels at 28 px) by a ~ U(-s, s):
+    a > 0 blurs (a = 1: the full blur), a < 0 sharpens by unsharp masking (training jitter)."""
+    if strength <= 0:
+        return x
+    a = (strength * _draw(len(x), 1, g, x.device, exact=False))[:, :, None, None]
+    return (x + a * (blur(x, _pixels(x, 1.5), g) - x)).clamp(0, 1)
+
+
+def _about(x: torch.Tensor, centre: torch.Tensor, factor: float) -> torch.Tensor:
+    return ((x - centre) * factor + centre).clamp(0, 1)
+
+
+# The directed acquisition changes: every image by exactly the level, in the named direction.
+def darker(x, level, g, exact=True):
+    return (x * (1 - level)).clamp(0, 1)
+
+
+def brighter(x, level, g, exact=True):
+    return (x * (1 + level)).clamp(0, 1)
+
+
+def less_contrast(x, level, g, exact=True):
+    return _about(x, _grey(x).mean((2, 3), keepdim=True), 1 - level)
+
+
+def more_contrast(x, level, g, exact=True):
+    return _about(x, _grey(x).mean((2, 3), keepdim=True), 1 + level)
+
+
+def less_saturation(x, level, g, exact=True):
+    return _about(x, _grey(x), 1 - level)
+
+
+def more_saturation(x, level, g, exact=True):
+    return _about(x, _grey(x), 1 + level)
+
+
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
 
@@ -117,7 +177,57 @@ def hue(x, strength, g, exact=False):
     return torch.einsum("nij,njhw->nihw", m, x).clamp(0, 1)
 
 
+def _per_image_filter(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """Filter each image with its own (K, K) kernel (odd K), borders reflected: (N, K, K) kernels."""
+    n, c, h, w = x.shape
+    r = kernels.shape[-1] // 2
+    padded = F.pad(x.reshape(1, n * c, h, w), [r, r, r, r], mode="reflect")
+    weight = kernels.to(x).repeat_interleave(c, 0)[:, None]  # (N*C, 1, K, K)
+    return F.conv2d(padded, weight, groups=n * c).reshape(n, c, h, w).clamp(0, 1)
+
+
+def _supersampled(inside, radius: int, n: int = 8) -> torch.Tensor:
+    """A (2r+1)^2 kernel: the share of each pixel's n x n subsamples for which inside(u, v) holds
+    (pixel coordinates from the centre), normalised to sum 1."""
+    t = (torch.arange(n) + 0.5) / n - 0.5
+    grid = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    v = (grid[:, None] + t[None, :]).reshape(-1)
+    k = inside(v[None, :], v[:, None]).float()  # (K*n, K*n): rows y, columns x
+    side = 2 * radius + 1
+    k = k.reshape(side, n, side, n).mean((1, 3))
+    return k / k.sum()
+
+
+def _pixels(x: torch.Tensor, level_at_28: float) -> float:
+    """A length given in pixels at 28 px, at this image's size (the same share of the tile)."""
+    return level_at_28 * x.shape[-1] / 28
+
+
+def defocus(x, level, g, exact=True):
+    """Out of focus: a disk (pillbox) kernel of radius 2 x level pixels at 28 px."""
+    radius = _pixels(x, 2 * level)
+    k = _supersampled(lambda u, v: u ** 2 + v ** 2 <= radius ** 2, int(np.ceil(radius)))
+    return _per_image_filter(x, k.expand(len(x), -1, -1))
+
+
+def motion(x, level, g, exact=True):
+    """Motion blur: a line kernel of length 2 x level pixels at 28 px, at a random angle per image."""
+    length = _pixels(x, 2 * level)
+    radius = int(np.ceil(length / 2))
+    angles = (torch.rand(len(x), generator=g) * np.pi).tolist()
+    kernels = [_supersampled(lambda u, v, a=a: ((u * np.cos(a) + v * np.sin(a)).abs() <= length / 2)
+                             & ((v * np.cos(a) - u * np.sin(a)).abs() <= 0.5), radius) for a in angles]
+    return _per_image_filter(x, torch.stack(kernels))
+
+
+def pixelate(x, level, g, exact=True):
+    """Averaged down to `level` x the side, then enlarged back with nearest neighbours."""
+    side = max(1, round(x.shape[-1] * level))
+    return F.interpolate(F.adaptive_avg_pool2d(x, side), size=x.shape[-2:], mode="nearest")
+
+
 def blur(x, sigma, g, exact=True):
+    """Gaussian blur of standard deviation sigma pixels (training's --blur)."""
     radius = max(1, int(np.ceil(3 * sigma)))
     k = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device) / sigma) ** 2)
     k = (k / k.sum()).view(1, 1, 1, -1).repeat(3, 1, 1, 1)
@@ -139,8 +249,43 @@ def jpeg(x, quality, g, exact=True):
     return (torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255).to(x.device)
 
 
-PERTURBATIONS = {"hed": hed_jitter, "brightness": brightness, "contrast": contrast, "saturation": saturation,
-                 "hue": hue, "blur": blur, "jpeg": jpeg}
+_INKS = torch.tensor([[0.15, 0.25, 0.65], [0.15, 0.5, 0.3], [0.12, 0.12, 0.15]])  # blue, green, black marker
+
+
+def ink(x, level, g, exact=True):
+    """A marker stroke across each image: a straight band at a random angle and position, as wide
+    as covers `level` of the image, in a marker colour laid over the tissue (75% opaque)."""
+    n, _, h, w = x.shape
+    angle = torch.rand(n, generator=g) * np.pi
+    offset = (torch.rand(n, generator=g) - 0.5) * 0.5 * min(h, w)
+    colour = _INKS[torch.randint(len(_INKS), (n,), generator=g)]
+    ys, xs = torch.meshgrid(torch.arange(h) - (h - 1) / 2, torch.arange(w) - (w - 1) / 2, indexing="ij")
+    dist = (xs[None] * angle.cos()[:, None, None] + ys[None] * angle.sin()[:, None, None] - offset[:, None, None]).abs()
+    width = torch.quantile(dist.flatten(1), level, dim=1)  # the band holding `level` of the pixels
+    mask = (dist <= width[:, None, None]).float()[:, None].to(x)
+    return x * (1 - 0.75 * mask) + 0.75 * mask * colour[:, :, None, None].to(x)
+
+
+def bubble(x, level, g, exact=True):
+    """An air bubble under the cover slip: a disk of radius `level` x the side at a random place,
+    brighter and paler inside (x 0.5 + 0.5), with a dark rim an eighth of the radius wide."""
+    n, _, h, w = x.shape
+    r = level * min(h, w)
+    cy = torch.rand(n, generator=g) * h
+    cx = torch.rand(n, generator=g) * w
+    ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    d = ((ys[None] - cy[:, None, None]) ** 2 + (xs[None] - cx[:, None, None]) ** 2).sqrt()[:, None].to(x)
+    inside = (d <= r).float()
+    rim = ((d > r) & (d <= r * 1.125 + 0.5)).float()
+    out = torch.where(inside > 0, x * 0.5 + 0.5, x)
+    return torch.where(rim > 0, out * 0.4, out)
+
+
+PERTURBATIONS = {"hed": hed_jitter, "hed_offset": hed_offset, "darker": darker, "brighter": brighter,
+                 "less_contrast": less_contrast, "more_contrast": more_contrast, "less_saturation": less_saturation,
+                 "more_saturation": more_saturation, "hue": hue, "defocus": defocus, "motion": motion,
+                 "pixelate": pixelate, "jpeg": jpeg, "ink": ink, "bubble": bubble}
+assert list(PERTURBATIONS) == list(LEVELS)
 
 
 def perturb(images: torch.Tensor, name: str, level: int, seed: int = 0) -> torch.Tensor:
@@ -152,6 +297,47 @@ def perturb(images: torch.Tensor, name: str, level: int, seed: int = 0) -> torch
                                           .generate_state(1)[0]))
     x = PERTURBATIONS[name](images.float() / 255, LEVELS[name][level - 1], g, exact=True)
     return (x * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+# CIE L*a*b* (D65) from sRGB, for Reinhard's colour transfer.
+_XYZ_FROM_RGB = torch.tensor([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
+                              [0.019334, 0.119193, 0.950227]])
+_WHITE = torch.tensor([0.950456, 1.0, 1.088754])
+
+
+def to_lab(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) sRGB in [0, 1] -> CIE L*a*b* (L in [0, 100])."""
+    linear = torch.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
+    xyz = torch.einsum("nchw,kc->nkhw", linear, _XYZ_FROM_RGB.to(x)) / _WHITE.to(x).view(1, 3, 1, 1)
+    f = torch.where(xyz > (6 / 29) ** 3, xyz.clamp(min=1e-12) ** (1 / 3), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], 1)
+
+
+def from_lab(lab: torch.Tensor) -> torch.Tensor:
+    """CIE L*a*b* -> sRGB in [0, 1] (clipped)."""
+    fy = (lab[:, 0] + 16) / 116
+    f = torch.stack([fy + lab[:, 1] / 500, fy, fy - lab[:, 2] / 200], 1)
+    xyz = torch.where(f > 6 / 29, f ** 3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * _WHITE.to(lab).view(1, 3, 1, 1)
+    linear = torch.einsum("nkhw,ck->nchw", xyz, torch.linalg.inv(_XYZ_FROM_RGB).to(lab)).clamp(0, 1)
+    return torch.where(linear > 0.0031308, 1.055 * linear.clamp(min=1e-12) ** (1 / 2.4) - 0.055, 12.92 * linear).clamp(0, 1)
+
+
+def lab_statistics(x: torch.Tensor) -> torch.Tensor:
+    """Per image, the mean and standard deviation of L*, a* and b*: (N, 2, 3)."""
+    lab = to_lab(x).flatten(2)
+    return torch.stack([lab.mean(2), lab.std(2, correction=0)], 1)
+
+
+def reinhard(x: torch.Tensor, target: torch.Tensor, min_std: float = 1.0) -> torch.Tensor:
+    """Reinhard et al.'s (2001) colour transfer in CIE L*a*b*, as pathology toolkits normalise
+    stain: each image's L*, a*, b* shifted and scaled to the target's mean and standard deviation
+    (target: (2, 3), lab_statistics of a reference). A channel that barely varies in an image
+    (std < min_std, e.g. empty background) is only shifted, never stretched into noise."""
+    lab = to_lab(x)
+    mean, std = lab.mean((2, 3), keepdim=True), lab.std((2, 3), correction=0, keepdim=True)
+    t_mean, t_std = target[0].to(x).view(1, 3, 1, 1), target[1].to(x).view(1, 3, 1, 1)
+    scale = torch.where(std < min_std, torch.ones_like(std), t_std / std.clamp(min=1e-6))
+    return from_lab((lab - mean) * scale + t_mean)
 
 
 def tissue_concentrations(x: torch.Tensor, min_od: float = 0.3) -> torch.Tensor:

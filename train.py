@@ -38,8 +38,8 @@ from model import MODELS, CheckpointError, build_model, count_flops, read_checkp
 from report import score_checkpoint, write_csv, write_report
 from runtime import (AMP_CHOICES, amp_dtype, autocast, distributed, exit_on_interrupt, exit_with_one_line,
                      from_rank0, parse_args, precision_name, set_seed)
-from training import (Recipe, make_ema, make_optimizer, make_scheduler, resume_schedule, seed_epoch, step_schedule,
-                      train_one_epoch, validate)
+from training import (Recipe, make_ema, make_optimizer, make_scheduler, passes_per_epoch, resume_schedule, seed_epoch,
+                      step_schedule, steps_per_epoch, train_one_epoch, validate)
 
 
 @dataclass
@@ -51,7 +51,6 @@ class TrainConfig(Recipe):
     task: str = field(default="classes", metadata={"help": "labels to learn: the flag's own classes, or tumor: PathMNIST's adenocarcinoma epithelium (cancer) vs the other eight classes (non-cancer; stroma included), a binary task", "choices": TASKS})
     model: str = field(default="lightcnn", metadata={"help": "network", "choices": MODELS})
     pretrained: bool = field(default=False, metadata={"help": "start resnet50 from ImageNet weights (downloads them)"})
-    epochs: int = field(default=25, metadata={"min": 1, "help": "maximum epochs (the seed's 25)"})
     patience: int = field(default=6, metadata={"min": 1, "help": "with --select best, early stopping after this many epochs without validation improvement"})
     monitor: str = field(default="auto", metadata={"help": "validation metric that --select best selects best.pt on and stops early on; auto: AUC for a binary task (--task tumor: a model that calls everything non-cancer already scores 0.83 accuracy on the 718 real test images, so accuracy cannot tell a learning model from it), accuracy otherwise", "choices": ("auto", "acc", "auc")})
     seed: int = field(default=0, metadata={"min": 0, "help": "seeds weights, data order, augmentation and synthetic data"})
@@ -95,7 +94,11 @@ def main(argv: list[str] | None = None) -> Path:
         # Model, optimiser, schedule; a resumed run's state. All checked before anything is written.
         net, optimizer, scheduler, mixed, scaler = build_training(cfg, data, device, pretrained=not resume_ckpt, log=log)
         # With --ema the average is what is validated, kept in best.pt and tested.
-        ema = make_ema(net, cfg, math.ceil(len(train) // world / cfg.batch_size))
+        passes = passes_per_epoch(len(train), cfg, world)
+        if passes > 1:
+            log(f"an epoch is {passes} passes over the {len(train)} training images: at least --epoch-steps "
+                f"{cfg.epoch_steps} optimiser steps")
+        ema = make_ema(net, cfg, steps_per_epoch(len(train), cfg, world))
         kept = net if ema is None else ema.module
         start, best, stale = 1, -math.inf, 0
         if resume_ckpt:
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> Path:
                 if stale >= cfg.patience:
                     log(f"early stop: validation {monitor} has not improved for {stale} epochs")
                     break
-                order, generator = seed_epoch(cfg.seed, epoch, len(train), rank, world)
+                order, generator = seed_epoch(cfg.seed, epoch, len(train), rank, world, passes)
                 tr = train_one_epoch(model, train, order, optimizer, scaler, mixed, generator, cfg,
                                      f"epoch {epoch}/{cfg.epochs}", progress=rank == 0, ema=ema)
                 # Rank 0 validates; every rank takes its result, so all step and stop together.
@@ -222,6 +225,7 @@ def resume_config(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, dict]
         saved.setdefault("schedule", "plateau")
         saved.setdefault("select", "best")  # ... and kept their best validation epoch, without shifts
         saved.setdefault("shift", 0)
+        saved.setdefault("epoch_steps", 1)  # ... and made one pass per epoch however small the data
         resumed = TrainConfig(**{**saved, **overrides, "resume": cfg.resume, "out": cfg.resume})
         problem = resumed.check()
     except (TypeError, ValueError) as e:

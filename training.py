@@ -1,9 +1,9 @@
 """One epoch of training and what it needs: the recipe's knobs, the epoch's seeding and data order,
 the optimiser and validation. train.py composes these into a run; bench/ times them.
 
-    from training import Recipe, make_optimizer, seed_epoch, train_one_epoch
+    from training import Recipe, make_optimizer, passes_per_epoch, seed_epoch, train_one_epoch
     recipe = Recipe(batch_size=64)
-    order, generator = seed_epoch(seed=0, epoch=1, n=len(split))
+    order, generator = seed_epoch(seed=0, epoch=1, n=len(split), passes=passes_per_epoch(len(split), recipe))
     stats = train_one_epoch(net, split, order, make_optimizer(net, recipe), scaler, nullcontext(),
                             generator, recipe, "epoch 1")
 """
@@ -22,12 +22,14 @@ from data import MEAN, STD, augment, normalize, translate
 from metrics import compute_metrics
 from model import predict
 from runtime import AMP_CHOICES, all_reduce_sum
-from stain import colour_jitter, hed_jitter
+from stain import colour_jitter, hed_jitter, sharpness_jitter
 
 
 @dataclass
 class Recipe:
     """How the network is trained (train.py's config extends this class, so each is a flag)."""
+    epochs: int = field(default=25, metadata={"min": 1, "help": "epochs (the seed's 25); the cosine schedule anneals over them"})
+    epoch_steps: int = field(default=40, metadata={"min": 1, "help": "at least this many optimiser steps per epoch: an epoch is one pass over the training images, or several passes where one pass makes fewer steps, so the default budget trains as long on 500 images as on 90,000 (full PathMNIST at batch 128: 704 steps in one pass; the 459 training images of a real cross-validation fold: 12 passes)); 1: always one pass"})
     batch_size: int = field(default=128, metadata={"min": 1, "help": "training batch per process; 128 keeps BatchNorm statistics stable and CPUs busy"})
     lr: float = field(default=1e-3, metadata={"above": 0, "help": "Adam learning rate (the seed's)"})
     weight_decay: float = field(default=1e-4, metadata={"min": 0, "help": "Adam L2 penalty; small, the network already has dropout"})
@@ -36,7 +38,9 @@ class Recipe:
     shift: int = field(default=1, metadata={"min": 0, "help": "with --augment, also move each image by up to this many whole pixels along each axis, borders reflected (data.translate): exact, nothing is resampled; 1 measured best on real tissue; 0: off"})
     stain_jitter: float = field(default=0.5, metadata={"min": 0, "help": "HED stain augmentation: each image's H and E concentrations scaled by 1 + U(-this, this) (stain.hed_jitter); 0.5 measured most robust to another centre's stain; RGB images only; 0: off"})
     label_smoothing: float = field(default=0.0, metadata={"min": 0, "help": "cross-entropy label smoothing (single-label tasks); 0: off"})
-    colour_jitter: float = field(default=0.0, metadata={"min": 0, "help": "brightness, contrast and saturation by 1 +- U(0, this) per image; 0: off"})
+    stain_offset: float = field(default=0.0, metadata={"min": 0, "help": "with the HED stain augmentation, also shift each image's H and E concentrations by U(-this, this) in optical-density units (Tellez et al., 2019), whatever the image's own amount of stain; 0: off"})
+    colour_jitter: float = field(default=0.0, metadata={"min": 0, "help": "brightness, contrast and saturation by 1 + U(-this, this) per image, each in both directions; 0: off"})
+    sharpness: float = field(default=0.0, metadata={"min": 0, "help": "each image blurred or sharpened: moved toward its Gaussian blur (sigma 1.5 px at 28 px) by U(-this, this), negative values sharpening (stain.sharpness_jitter); 0: off"})
     schedule: str = field(default="cosine", metadata={"help": "learning rate: cosine anneals it to 0 over --epochs (measured best on real tissue: it does not react to the noise of a small validation split); plateau halves it after 2 epochs without a lower validation loss", "choices": ("cosine", "plateau")})
     select: str = field(default="last", metadata={"help": "the weights best.pt keeps and the test reads: last: the last epoch's, where the schedule ends, with no early stopping (measured best on real tissue: picking the best of 40 epochs on a 115-image validation split picks its noise); best: the epoch with the best validation --monitor, stopping early after --patience epochs without improvement", "choices": ("last", "best")})
     ema: float = field(default=0.0, metadata={"min": 0, "help": "weight EMA (torch.optim.swa_utils) with this half-life in epochs, so it means the same on 500 images as on 90,000; validation, best.pt and the test use the averaged weights; 0: off"})
@@ -45,29 +49,45 @@ class Recipe:
 
 
 def jittered(images: torch.Tensor, cfg: Recipe, generator: torch.Generator) -> torch.Tensor:
-    """uint8 images -> model input, with the recipe's stain and colour jitter (none: normalize).
+    """uint8 images -> model input, with the recipe's stain, colour and sharpness jitter (none: normalize).
     Both are defined for RGB (H&E) images; grayscale MedMNIST flags train without them."""
-    if not (cfg.stain_jitter or cfg.colour_jitter) or images.shape[1] != 3:
+    if not (cfg.stain_jitter or cfg.stain_offset or cfg.colour_jitter or cfg.sharpness) or images.shape[1] != 3:
         return normalize(images)
-    x = colour_jitter(hed_jitter(images.float() / 255, cfg.stain_jitter, generator), cfg.colour_jitter, generator)
+    x = hed_jitter(images.float() / 255, cfg.stain_jitter, generator, offset=cfg.stain_offset)
+    x = sharpness_jitter(colour_jitter(x, cfg.colour_jitter, generator), cfg.sharpness, generator)
     return (x - MEAN) / STD
 
 
-def seed_epoch(seed: int, epoch: int, n: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Generator]:
+def passes_per_epoch(n: int, cfg: Recipe, world: int = 1) -> int:
+    """Passes over the n training images (n // world per process) in one epoch: enough for at least
+    cfg.epoch_steps optimiser steps (the passes follow each other, so batches do not restart)."""
+    return max(1, math.ceil(cfg.epoch_steps * cfg.batch_size / max(1, n // world)))
+
+
+def steps_per_epoch(n: int, cfg: Recipe, world: int = 1) -> int:
+    return math.ceil(passes_per_epoch(n, cfg, world) * (n // world) / cfg.batch_size)
+
+
+def seed_epoch(seed: int, epoch: int, n: int, rank: int = 0, world: int = 1,
+               passes: int = 1) -> tuple[torch.Tensor, torch.Generator]:
     """This process's share of an epoch's data order and its augmentation generator; also seeds
     torch's global generator, which dropout draws from.
 
     Every draw of an epoch is seeded from (seed, epoch, rank), never from state carried over from
-    the epoch before, so a resumed run draws exactly what an uninterrupted one does. The order is
-    one permutation, the same on every rank; after dropping its last n % world images, rank r
-    takes order[r::world] (DistributedSampler with drop_last=True), so ranks run equal batches and
-    see each image at most once per epoch. Augmentation and dropout differ between ranks.
+    the epoch before, so a resumed run draws exactly what an uninterrupted one does. Each pass's
+    order is one permutation, the same on every rank; after dropping its last n % world images,
+    rank r takes order[r::world] (DistributedSampler with drop_last=True), so ranks run equal
+    batches and see each image at most once per pass. Augmentation and dropout differ between ranks.
+    The passes of a multi-pass epoch (passes_per_epoch) follow each other in one order.
     """
-    order_seed = np.random.SeedSequence([seed, epoch, 0]).generate_state(1)[0]
     augment_seed, dropout_seed = np.random.SeedSequence([seed, epoch, 1, rank]).generate_state(2)
     torch.manual_seed(int(dropout_seed))
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(order_seed)))
-    return order[: n - n % world][rank::world], torch.Generator().manual_seed(int(augment_seed))
+    shares = []
+    for p in range(passes):
+        order_seed = np.random.SeedSequence([seed, epoch, 0] + ([p] if p else [])).generate_state(1)[0]
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(int(order_seed)))
+        shares.append(order[: n - n % world][rank::world])
+    return torch.cat(shares), torch.Generator().manual_seed(int(augment_seed))
 
 
 def train_one_epoch(model, split, order, optimizer, scaler, autocast, generator, cfg, desc,

@@ -316,8 +316,9 @@ def main() -> None:
     p.add_argument("--n-test", type=int, default=2048, help="test images, for evaluation")
     p.add_argument("--n-ig", type=int, default=64, help="images explained per run and side")
     p.add_argument("--n-store", type=int, default=7180, help="maps written per run and side (the PathMNIST test split)")
-    p.add_argument("--epochs", type=int, default=0, help="accuracy, real: training epochs per recipe (0: 4 for accuracy, "
-                   "40 for real)")
+    p.add_argument("--epochs", type=int, default=0, help="accuracy: training epochs per recipe (0: 4); real: the seed's "
+                   "recipe's epochs (0: 40; ours trains its Recipe's budget, --train epochs=N to change it); xai: "
+                   "epochs of one pass each (0: 40)")
     p.add_argument("--patience", type=int, default=10, help="real: early stopping after this many epochs without a "
                    "better validation score")
     p.add_argument("--seeds", type=int, default=3, help="accuracy, real, xai: training seeds")
@@ -352,7 +353,7 @@ def main() -> None:
         import cv
         from training import Recipe
         print(f"machine: {machine()}", flush=True)
-        base = Recipe(**parse_sets(args.train, Recipe))
+        base = Recipe(**parse_sets(args.train + (["epochs=3", "epoch_steps=1"] if args.quick else []), Recipe))
         results = cv.run(Path(args.real), cv.parse_variants(args.variants, base), k=args.folds,
                          seeds=1 if args.quick else args.seeds, epochs=3 if args.quick else args.epochs,
                          patience=args.patience,

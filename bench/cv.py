@@ -7,9 +7,11 @@ test-split images in ../shared/data, our recipe and the first seed's side by sid
     python bench/bench.py real --train select=best --patience 40   # also scores each run's last epoch
 
 Each held-out fold is read once, by the model each recipe keeps; validation is a part carved
-(stratified, 20%) from the other folds. Both recipes train LightCNN with the same epoch budget
-(--epochs, 40); the seed's keeps its best validation epoch and stops after --patience (10) epochs
-without improvement, as the seed did, ours follows its Recipe.select (by default: the last epoch).
+(stratified, 20%) from the other folds. Both recipes train LightCNN. The seed's recipe trains
+--epochs (40) epochs, keeps its best validation epoch and stops after --patience (10) epochs
+without improvement, as the seed did; ours trains the budget train.py gives by default
+(Recipe.epochs of at least Recipe.epoch_steps steps each; `--train epochs=40 epoch_steps=1` is
+the protocol before that budget) and follows its Recipe.select (by default: the last epoch).
 Printed: mean +- std accuracy and AUC, per-class recall, accuracy
 under the HED stain change calibrated as another centre (stain.CENTRE_LEVEL) and the mean over every
 perturbation and level, the paired difference to the seed's recipe with a 95% t-interval over the
@@ -35,9 +37,10 @@ from data import BINARY, Data, Split, load_data, save_npz
 from metrics import compute_metrics, youden_threshold
 from model import build_model, predict
 from runtime import amp_dtype, autocast, set_seed
-from stain import CENTRE_LEVEL, LEVELS, perturb
-from training import (Recipe, make_ema, make_optimizer, make_scheduler, seed_epoch, step_schedule, train_one_epoch,
-                      validate)
+from robustness import shift_table, summarise
+from stain import CENTRE_LEVEL, perturb
+from training import (Recipe, make_ema, make_optimizer, make_scheduler, passes_per_epoch, seed_epoch, step_schedule,
+                      steps_per_epoch, train_one_epoch, validate)
 
 T_975 = {14: 2.145, 9: 2.262, 4: 2.776, 2: 4.303}  # Student t quantiles for the intervals used here
 
@@ -65,22 +68,23 @@ def carve_val(idx: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -
     return np.setdiff1d(idx, val), val
 
 
-def fit_ours(data: Data, recipe: Recipe, seed: int, epochs: int, patience: int) -> tuple[torch.nn.Module, dict | None]:
-    """training.py's loop as train.py runs it, on CPU: the recipe's --select keeps the last epoch
-    (all `epochs` run), or the best on validation with early stopping. Returns the kept model and,
+def fit_ours(data: Data, recipe: Recipe, seed: int, patience: int) -> tuple[torch.nn.Module, dict | None]:
+    """training.py's loop as train.py runs it, on CPU, for the recipe's epochs (train.py's default
+    budget unless a variant sets it): the recipe's --select keeps the last epoch, or the best on
+    validation with early stopping. Returns the kept model and,
     for select=best, the state of the last epoch trained (to measure what the selection buys)."""
     set_seed(seed)
     device = torch.device("cpu")
     net = build_model("lightcnn", num_classes=data.num_classes).to(memory_format=torch.channels_last)
     optimizer, dtype = make_optimizer(net, recipe), amp_dtype(recipe.amp, device)
-    scheduler = make_scheduler(optimizer, recipe, epochs)
+    scheduler = make_scheduler(optimizer, recipe, recipe.epochs)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     train, val = data.splits["train"], data.splits["val"]
-    ema = make_ema(net, recipe, math.ceil(len(train) / recipe.batch_size))
+    ema = make_ema(net, recipe, steps_per_epoch(len(train), recipe))
     kept = net if ema is None else ema.module  # the weights that are validated and kept
     best, best_state, stale = -1.0, None, 0
-    for epoch in range(1, epochs + 1):
-        order, g = seed_epoch(seed, epoch, len(train))
+    for epoch in range(1, recipe.epochs + 1):
+        order, g = seed_epoch(seed, epoch, len(train), passes=passes_per_epoch(len(train), recipe))
         train_one_epoch(net, train, order, optimizer, scaler, autocast(device, dtype), g, recipe, "cv", progress=False,
                         ema=ema)
         va = validate(kept, val, data, recipe, device)
@@ -144,16 +148,17 @@ def scores_of(net, test: Split, amp: str, task: str = "multi-class", k: int = 9,
     if task == BINARY and val is not None:
         threshold = youden_threshold(val.labels.numpy(), predict(net, val.images, 256, "cpu", task, amp)[:, -1])
     m = compute_metrics(test.labels.numpy(), probs, task, list(map(str, range(k))), threshold=threshold)
-    shifted = {(name, level): float((predict(net, perturb(test.images, name, level), 256, "cpu", task, amp)
-                                     .argmax(1) == test.labels.numpy()).mean())
-               for name in LEVELS for level in range(1, 6)}
+    shifted_table = shift_table(lambda x: float((predict(net, x, 256, "cpu", task, amp).argmax(1)
+                                                 == test.labels.numpy()).mean()), test.images)
+    shifted = summarise(shifted_table)
     tta = predict(net, test.images, 256, "cpu", task, amp, tta=True)
     return {"acc": m["acc"], "auc": m["auc"], "recall": [m["per_class"][str(c)]["recall"] for c in range(k)],
             **{key: m[key] for key in ("sensitivity", "specificity") if key in m},
             **({f"{key}_val_threshold": m["operating_point"][key] for key in ("sensitivity", "specificity")}
                if "operating_point" in m else {}),
             "acc_tta": float((tta.argmax(1) == test.labels.numpy()).mean()),
-            "hed_centre": shifted["hed", CENTRE_LEVEL], "shift_mean": float(np.mean(list(shifted.values())))}
+            "hed_centre": shifted_table["hed"][CENTRE_LEVEL], "shift_mean": shifted["summary"],
+            "worst_mean": shifted["worst_mean"], "families": shifted["families"]}
 
 
 def last_epoch_scores(net, test: Split, amp: str, task: str) -> dict:
@@ -187,7 +192,7 @@ def run(real: Path, variants: dict[str, Recipe], k: int = 5, seeds: int = 3, epo
                                                                                  list(map(str, range(data.num_classes))))["auc"]})
                     else:
                         net, last = ((fit_seed(fold, Path(tmp), s, epochs, patience), None) if name == "seed" else
-                                     fit_ours(fold, variants[name], s, epochs, patience))
+                                     fit_ours(fold, variants[name], s, patience))
                         amp = "off" if name == "seed" else variants[name].amp
                         results[name].append(scores_of(net, fold.splits["test"], amp, data.task, data.num_classes,
                                                        fold.splits["val"]))
@@ -200,7 +205,8 @@ def run(real: Path, variants: dict[str, Recipe], k: int = 5, seeds: int = 3, epo
                           (f" sensitivity {r['sensitivity']:.3f} specificity {r['specificity']:.3f} (at the validation "
                            f"threshold {r['sensitivity_val_threshold']:.3f}, {r['specificity_val_threshold']:.3f})"
                            if "sensitivity" in r else "") +
-                          (f" hed@centre {r['hed_centre']:.3f} shift-mean {r['shift_mean']:.3f}" if "hed_centre" in r
+                          (f" hed@centre {r['hed_centre']:.3f} shift-mean {r['shift_mean']:.3f} worst "
+                           f"{min(r['families'], key=r['families'].get)} {r['worst_mean']:.3f}" if "hed_centre" in r
                            else "") +
                           (f" last epoch: acc {r['acc_last']:.3f} hed@centre {r['hed_centre_last']:.3f}" if "acc_last" in r
                            else ""), flush=True)
@@ -218,9 +224,9 @@ def report(out: dict) -> None:
     res, ref = out["results"], out["results"].get("seed")
     print(f"\n{out['k']}-fold x {out['seeds']} seeds on {out['n']} real PathMNIST test-split images "
           "(cross-validation on one centre, not the PathMNIST benchmark)\n")
-    print("| recipe | acc | acc, 8-fold TTA | AUC | HED at another centre | all shifts (mean) | acc - seed's [95% CI] "
-          "| minutes |")
-    print("|---|---|---|---|---|---|---|---:|")
+    print("| recipe | acc | acc, 8-fold TTA | AUC | HED at another centre | all shifts (mean) | worst family "
+          "| acc - seed's [95% CI] | minutes |")
+    print("|---|---|---|---|---|---|---|---|---:|")
     for name, runs in res.items():
         cell = lambda key: (f"{np.mean([r[key] for r in runs]):.3f} ± {np.std([r[key] for r in runs], ddof=1):.3f}"
                             if key in runs[0] else "–")
@@ -228,8 +234,14 @@ def report(out: dict) -> None:
         if ref is not None and name != "seed":
             m, h = paired([r["acc"] for r in runs], [r["acc"] for r in ref])
             diff = f"{m:+.3f} [{m - h:+.3f}, {m + h:+.3f}]"
-        print(f"| {name} | {cell('acc')} | {cell('acc_tta')} | {cell('auc')} | {cell('hed_centre')} | {cell('shift_mean')} | {diff} | "
-              f"{out['seconds'][name] / 60:.1f} |")
+        print(f"| {name} | {cell('acc')} | {cell('acc_tta')} | {cell('auc')} | {cell('hed_centre')} | {cell('shift_mean')} | "
+              f"{worst_family(runs)} | {diff} | {out['seconds'][name] / 60:.1f} |")
+    families = {name: family_means(runs) for name, runs in res.items() if "families" in runs[0]}
+    if families:
+        print("\nmean accuracy over severities 1-5 of each perturbation family (mean over runs):")
+        print(f"  {'family':16s} " + " ".join(f"{name[:10]:>10s}" for name in families))
+        for fam in next(iter(families.values())):
+            print(f"  {fam:16s} " + " ".join(f"{m[fam]:10.3f}" for m in families.values()))
     print(f"\nper-class recall (mean over runs), classes 0-{len(next(iter(res.values()))[0].get('recall', [0] * 9)) - 1}:")
     for name, runs in res.items():
         if "recall" in runs[0]:
@@ -245,6 +257,20 @@ def report(out: dict) -> None:
             print(f"  {name:14s} sensitivity {stat('sensitivity')}, specificity {stat('specificity')} "
                   "(cancer = adenocarcinoma epithelium, at MedMNIST's 0.5 threshold); at the threshold chosen on "
                   f"validation: {stat('sensitivity_val_threshold')}, {stat('specificity_val_threshold')}")
+
+
+def family_means(runs: list[dict]) -> dict[str, float]:
+    """Each perturbation family's accuracy (mean over severities 1-5), averaged over the runs."""
+    return {fam: float(np.mean([r["families"][fam] for r in runs])) for fam in runs[0]["families"]}
+
+
+def worst_family(runs: list[dict]) -> str:
+    """The family with the lowest mean accuracy over the runs, as 'name 0.xxx' ('–' for none)."""
+    if "families" not in runs[0]:
+        return "–"
+    means = family_means(runs)
+    worst = min(means, key=means.get)
+    return f"{worst} {means[worst]:.3f}"
 
 
 def parse_variants(text: str, base: Recipe) -> dict[str, Recipe]:

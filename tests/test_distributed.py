@@ -20,7 +20,7 @@ from model import build_model, load_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_IMAGES = 96
 # float32 (--amp off), so that the recomputations below are exact on every CPU
-FLAGS = ["--dataset", "synthetic", "--synthetic-sizes", f"{TRAIN_IMAGES},48,48", "--device", "cpu",
+FLAGS = ["--dataset", "synthetic", "--epoch-steps", "1", "--synthetic-sizes", f"{TRAIN_IMAGES},48,48", "--device", "cpu",
          "--batch-size", "16", "--eval-batch-size", "64", "--amp", "off"]
 
 

@@ -25,7 +25,7 @@ import train
 from model import CheckpointError, LightCNN, load_checkpoint, read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-FLAGS = ["--dataset", "synthetic", "--synthetic-sizes", "96,48,48", "--device", "cpu", "--batch-size", "16",
+FLAGS = ["--dataset", "synthetic", "--epoch-steps", "1", "--synthetic-sizes", "96,48,48", "--device", "cpu", "--batch-size", "16",
          "--eval-batch-size", "64"]
 TIMING = {"seconds", "images_per_s"}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -35,7 +35,7 @@ import train
 from attribution import METHODS, AttributionSettings
 from db import ExplanationDB
 
-TRAIN = ["--dataset", "synthetic", "--synthetic-sizes", "40,18,18", "--device", "cpu", "--batch-size", "20",
+TRAIN = ["--dataset", "synthetic", "--epoch-steps", "1", "--synthetic-sizes", "40,18,18", "--device", "cpu", "--batch-size", "20",
          "--amp", "off"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")

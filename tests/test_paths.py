@@ -104,7 +104,7 @@ def test_bfloat16_training_path_runs_and_reports_bfloat16_numbers(tmp_path, monk
     native support). Its validation accuracy is the bfloat16 model's, not a float32 recomputation:
     equal to it up to the images whose top two float32 logits are closer than bfloat16 resolves."""
     monkeypatch.chdir(tmp_path)
-    run = train.main(["--dataset", "synthetic", "--synthetic-sizes", "64,45,45", "--device", "cpu",
+    run = train.main(["--dataset", "synthetic", "--epoch-steps", "1", "--synthetic-sizes", "64,45,45", "--device", "cpu",
                       "--batch-size", "32", "--epochs", "1", "--amp", "on", "--out", str(tmp_path / "run")])
     record = json.loads((run / "test_metrics.json").read_text())
     assert record["precision"] == "bfloat16 autocast (--amp on)"

@@ -28,7 +28,7 @@ from db import DatabaseError, ExplanationDB
 from runtime import exit_with_one_line, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_FLAGS = ["--dataset", "synthetic", "--synthetic-sizes", "40,18,18", "--device", "cpu", "--batch-size", "20",
+TRAIN_FLAGS = ["--dataset", "synthetic", "--epoch-steps", "1", "--synthetic-sizes", "40,18,18", "--device", "cpu", "--batch-size", "20",
                "--amp", "off"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -206,7 +206,7 @@ def test_smoothgrad_noise_of_a_map_depends_on_its_seed_alone(net):
 def test_resuming_a_pretrained_run_does_not_download_weights(tmp_path, monkeypatch):
     import torchvision
     monkeypatch.chdir(tmp_path)
-    flags = ["--dataset", "synthetic", "--synthetic-sizes", "20,9,9", "--device", "cpu", "--batch-size", "10",
+    flags = ["--dataset", "synthetic", "--epoch-steps", "1", "--synthetic-sizes", "20,9,9", "--device", "cpu", "--batch-size", "10",
              "--model", "resnet50", "--amp", "off", "--eval-batch-size", "9"]
     run = train.main([*flags, "--epochs", "1", "--out", str(tmp_path / "run")])
     state = torch.load(run / "last.pt", weights_only=True)

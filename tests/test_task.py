@@ -64,7 +64,7 @@ def test_validation_threshold_maximises_youden_and_is_applied():
 
 def test_train_evaluate_and_explain_the_cancer_logit(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    run = train.main(["--dataset", "synthetic", "--synthetic-sizes", "96,48,48", "--task", "tumor", "--epochs", "1",
+    run = train.main(["--dataset", "synthetic", "--epoch-steps", "1", "--synthetic-sizes", "96,48,48", "--task", "tumor", "--epochs", "1",
                       "--batch-size", "32", "--device", "cpu", "--amp", "off", "--out", str(tmp_path / "run")])
     assert "selected checkpoint (--select last: val auc" in capsys.readouterr().out  # --monitor auto: AUC for a binary task
     net, cfg, ckpt = load_checkpoint(run / "best.pt")

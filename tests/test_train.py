@@ -23,7 +23,7 @@ from model import CheckpointError, build_model, load_checkpoint, read_checkpoint
 SIZES = (97, 45, 45)  # train/val/test; 45 holds every one of the 9 classes
 SEEN = 96  # the train images minus the last batch of one, which is skipped
 # float32 (--amp off): the recomputations below are float32 too, on every CPU; the bfloat16 path has its own test
-FLAGS = ["--dataset", "synthetic", "--synthetic-sizes", "97,45,45", "--device", "cpu", "--batch-size", "32",
+FLAGS = ["--dataset", "synthetic", "--epoch-steps", "1", "--synthetic-sizes", "97,45,45", "--device", "cpu", "--batch-size", "32",
          "--eval-batch-size", "64", "--amp", "off"]
 REAL_LOAD_DATA = data.load_data
 COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr", "seconds",
@@ -123,7 +123,7 @@ def script_val_acc(monkeypatch, accs) -> None:
 def test_run_folder_config_and_metrics(one_epoch):
     run, _ = one_epoch
     expected = {**asdict(train.TrainConfig()), "dataset": "synthetic", "device": "cpu", "batch_size": 32,
-                "eval_batch_size": 64, "amp": "off", "epochs": 1, "out": str(run), "synthetic_sizes": "97,45,45"}
+                "eval_batch_size": 64, "amp": "off", "epochs": 1, "epoch_steps": 1, "out": str(run), "synthetic_sizes": "97,45,45"}
     assert json.loads((run / "config.json").read_text()) == expected
     columns, rows = read_rows(run)
     assert columns == COLUMNS and len(rows) == 1
@@ -373,3 +373,25 @@ def test_weight_average_follows_its_recurrence():
         expected = w if expected is None else expected + (1 - min(decay, t / (9 + t))) * (w - expected)
         assert ema.module.weight.item() == pytest.approx(expected, rel=1e-6)
     assert make_ema(net, Recipe(ema=0.0), 5) is None
+
+
+def test_an_epoch_of_small_data_makes_at_least_epoch_steps_optimiser_steps(events, tmp_path):
+    """97 images at batch 32 make 4 steps in a pass; --epoch-steps 10 makes each epoch 4 passes,
+    388 images in 13 batches (the passes follow each other), so Adam has taken 26 steps after 2 epochs."""
+    from training import Recipe, passes_per_epoch, seed_epoch, steps_per_epoch
+    run = fit(tmp_path / "run", "--epochs", "2", "--epoch-steps", "10")
+    state = load(run / "last.pt")["optimizer"]["state"]
+    assert {int(s["step"]) for s in state.values()} == {26}
+    assert json.loads((run / "config.json").read_text())["epoch_steps"] == 10
+    # Full PathMNIST is one pass an epoch at the defaults; a real CV fold's 459 images are 12.
+    assert passes_per_epoch(89_996, Recipe()) == 1 and steps_per_epoch(89_996, Recipe()) == 704
+    assert passes_per_epoch(459, Recipe()) == 12 and steps_per_epoch(459, Recipe()) >= Recipe().epoch_steps
+    # Each pass is a permutation of its own; the first is the one-pass order, so old runs resume alike.
+    order, _ = seed_epoch(0, 3, 50, passes=3)
+    assert torch.equal(order[:50], seed_epoch(0, 3, 50)[0])
+    assert all(sorted(order[k * 50:(k + 1) * 50].tolist()) == list(range(50)) for k in range(3))
+    assert not torch.equal(order[:50], order[50:100])
+    ranks = [seed_epoch(0, 3, 51, rank, 2, passes=2)[0] for rank in (0, 1)]
+    for k in range(2):  # under torchrun, the ranks split every pass without overlap
+        shares = [set(r[k * 25:(k + 1) * 25].tolist()) for r in ranks]
+        assert not shares[0] & shares[1] and len(shares[0] | shares[1]) == 50
