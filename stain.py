@@ -133,6 +133,24 @@ def sharpness_jitter(x: torch.Tensor, strength: float, g: torch.Generator) -> to
     return (x + a * (blur(x, _pixels(x, 1.5), g) - x)).clamp(0, 1)
 
 
+def random_erase(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+    """Random erasing (Zhong et al., 2020) as training jitter: with probability p per image, one
+    rectangle of 2-20% of the image (aspect ratio 0.3-3.3) painted in one random colour."""
+    if p <= 0:
+        return x
+    n, _, h, w = x.shape
+    u = torch.rand(n, 7, generator=g)
+    area = (0.02 + 0.18 * u[:, 0]) * h * w
+    ratio = torch.exp(np.log(0.3) + (np.log(3.3) - np.log(0.3)) * u[:, 1])
+    eh, ew = (area * ratio).sqrt().clamp(1, h), (area / ratio).sqrt().clamp(1, w)
+    top, left = u[:, 2] * (h - eh), u[:, 3] * (w - ew)
+    ys, xs = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+    inside = ((ys >= top.view(n, 1, 1)) & (ys < (top + eh).view(n, 1, 1)) & (xs >= left.view(n, 1, 1))
+              & (xs < (left + ew).view(n, 1, 1)) & (torch.rand(n, generator=g) < p).view(n, 1, 1))
+    colour = u[:, 4:7].view(n, 3, 1, 1).to(x)
+    return torch.where(inside[:, None].to(x.device), colour, x)
+
+
 def _about(x: torch.Tensor, centre: torch.Tensor, factor: float) -> torch.Tensor:
     return ((x - centre) * factor + centre).clamp(0, 1)
 

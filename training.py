@@ -22,7 +22,7 @@ from data import MEAN, STD, augment, normalize, translate
 from metrics import compute_metrics
 from model import predict
 from runtime import AMP_CHOICES, all_reduce_sum
-from stain import colour_jitter, hed_jitter, sharpness_jitter
+from stain import colour_jitter, hed_jitter, random_erase, sharpness_jitter
 
 
 @dataclass
@@ -40,6 +40,8 @@ class Recipe:
     label_smoothing: float = field(default=0.0, metadata={"min": 0, "help": "cross-entropy label smoothing (single-label tasks); 0: off"})
     stain_offset: float = field(default=0.0, metadata={"min": 0, "help": "with the HED stain augmentation, also shift each image's H and E concentrations by U(-this, this) in optical-density units (Tellez et al., 2019), whatever the image's own amount of stain; 0: off"})
     colour_jitter: float = field(default=0.0, metadata={"min": 0, "help": "brightness, contrast and saturation by 1 + U(-this, this) per image, each in both directions; 0: off"})
+    jitter_share: float = field(default=1.0, metadata={"min": 0, "help": "the share of training images (0-1) that get the colour and sharpness jitter; the others keep their brightness, contrast, saturation and focus"})
+    erase: float = field(default=0.0, metadata={"min": 0, "help": "random erasing: the share of images (0-1) that get one rectangle of a fiftieth to a fifth of the image painted in a random colour (stain.random_erase); 0: off"})
     sharpness: float = field(default=0.0, metadata={"min": 0, "help": "each image blurred or sharpened: moved toward its Gaussian blur (sigma 1.5 px at 28 px) by U(-this, this), negative values sharpening (stain.sharpness_jitter); 0: off"})
     schedule: str = field(default="cosine", metadata={"help": "learning rate: cosine anneals it to 0 over --epochs (measured best on real tissue: it does not react to the noise of a small validation split); plateau halves it after 2 epochs without a lower validation loss", "choices": ("cosine", "plateau")})
     select: str = field(default="last", metadata={"help": "the weights best.pt keeps and the test reads: last: the last epoch's, where the schedule ends, with no early stopping (measured best on real tissue: picking the best of 40 epochs on a 115-image validation split picks its noise); best: the epoch with the best validation --monitor, stopping early after --patience epochs without improvement", "choices": ("last", "best")})
@@ -51,10 +53,14 @@ class Recipe:
 def jittered(images: torch.Tensor, cfg: Recipe, generator: torch.Generator) -> torch.Tensor:
     """uint8 images -> model input, with the recipe's stain, colour and sharpness jitter (none: normalize).
     Both are defined for RGB (H&E) images; grayscale MedMNIST flags train without them."""
-    if not (cfg.stain_jitter or cfg.stain_offset or cfg.colour_jitter or cfg.sharpness) or images.shape[1] != 3:
+    if not (cfg.stain_jitter or cfg.stain_offset or cfg.colour_jitter or cfg.sharpness or cfg.erase) or images.shape[1] != 3:
         return normalize(images)
     x = hed_jitter(images.float() / 255, cfg.stain_jitter, generator, offset=cfg.stain_offset)
-    x = sharpness_jitter(colour_jitter(x, cfg.colour_jitter, generator), cfg.sharpness, generator)
+    acquired = sharpness_jitter(colour_jitter(x, cfg.colour_jitter, generator), cfg.sharpness, generator)
+    if cfg.jitter_share < 1:  # the rest keep the acquisition as it was
+        keep = torch.rand(len(x), generator=generator).to(x.device) >= cfg.jitter_share
+        acquired = torch.where(keep.view(-1, 1, 1, 1), x, acquired)
+    x = random_erase(acquired, cfg.erase, generator)
     return (x - MEAN) / STD
 
 

@@ -272,3 +272,24 @@ def test_reinhard_maps_the_reference_to_itself_and_brings_two_restainings_togeth
     # ... and every normalised image has the target's statistics (up to clipping to [0, 1]).
     stats = S.lab_statistics(S.reinhard(tissue.float() / 255, target))
     assert (stats[:, 0] - target[0]).abs().median() < 1.0
+
+
+def test_training_jitters_keep_range_and_do_what_they_say():
+    """Random erasing paints one rectangle of 2-20% of the image in a share p of the images; the
+    sharpness jitter is the identity at 0 and keeps a constant image constant; both stay in [0, 1]."""
+    x = torch.rand(2000, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    y = S.random_erase(x, 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(y, S.random_erase(x, 0.5, torch.Generator().manual_seed(1)))
+    changed = (y != x).any(1)
+    share = changed.float().mean((1, 2))
+    assert share.gt(0).float().mean().item() == pytest.approx(0.5, abs=0.04)
+    hit = share[share > 0]
+    assert hit.min() >= 0.01 and hit.max() <= 0.22
+    rows, cols = changed[share > 0].any(2), changed[share > 0].any(1)  # a rectangle: its bounding box is full
+    assert torch.equal(rows.sum(1) * cols.sum(1), changed[share > 0].sum((1, 2)))
+    assert S.random_erase(x, 0.0, torch.Generator()) is x
+    assert S.sharpness_jitter(x, 0.0, torch.Generator()) is x
+    flat = torch.full((4, 3, 28, 28), 0.3)
+    torch.testing.assert_close(S.sharpness_jitter(flat, 1.0, torch.Generator().manual_seed(0)), flat)
+    z = S.sharpness_jitter(x, 1.0, torch.Generator().manual_seed(0))
+    assert z.min() >= 0 and z.max() <= 1 and not torch.equal(z, x)
