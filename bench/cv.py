@@ -167,10 +167,11 @@ def last_epoch_scores(net, test: Split, amp: str, task: str) -> dict:
     return {"acc_last": acc(test.images), "hed_centre_last": acc(perturb(test.images, "hed", CENTRE_LEVEL))}
 
 
-def run(real: Path, variants: dict[str, Recipe], k: int = 5, seeds: int = 3, epochs: int = 40,
+def run(real: Path, variants: dict[str, Recipe], k: int = 5, seeds: int | list[int] = 3, epochs: int = 40,
         patience: int = 10, seed_recipe: bool = True, task: str = "classes") -> dict:
     """Every variant (and the seed's recipe) on every (seed, fold); returns per-run results. The
-    folds are stratified by the 9 classes whatever the task, so --task tumor runs on the same folds."""
+    folds are stratified by the 9 classes whatever the task, so --task tumor runs on the same folds.
+    `seeds`: how many (0, 1, ...), or which."""
     classes = load_data("pathmnist", 28, real, ("test",))
     data = load_data("pathmnist", 28, real, ("test",), task=task)
     images, labels = data.splits["test"].images, data.splits["test"].labels.numpy()
@@ -178,7 +179,7 @@ def run(real: Path, variants: dict[str, Recipe], k: int = 5, seeds: int = 3, epo
     results = {name: [] for name in (["seed"] if seed_recipe else []) + list(variants) + ["colour"]}
     seconds = {name: 0.0 for name in results}
     with tempfile.TemporaryDirectory() as tmp:
-        for s in range(seeds):
+        for s in range(seeds) if isinstance(seeds, int) else seeds:
             for f, test_idx in enumerate(stratified_folds(strata, k, seed=s)):
                 train_idx, val_idx = carve_val(np.setdiff1d(np.arange(len(labels)), test_idx), strata, 0.2, seed=100 + s)
                 part = lambda i: Split(images[i], torch.from_numpy(labels[i]))
@@ -210,7 +211,8 @@ def run(real: Path, variants: dict[str, Recipe], k: int = 5, seeds: int = 3, epo
                            else "") +
                           (f" last epoch: acc {r['acc_last']:.3f} hed@centre {r['hed_centre_last']:.3f}" if "acc_last" in r
                            else ""), flush=True)
-    return {"results": results, "seconds": seconds, "n": len(labels), "k": k, "seeds": seeds, "task": task}
+    return {"results": results, "seconds": seconds, "n": len(labels), "k": k,
+            "seeds": seeds if isinstance(seeds, int) else len(seeds), "task": task}
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:

@@ -2,6 +2,7 @@
 test-time augmentation, evaluate.py --stain-shift, and the cross-validation folds of bench/cv.py."""
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -146,8 +147,14 @@ def test_training_jitter_keeps_shape_range_and_is_deterministic(tiles):
     assert a.shape == tiles.shape and a.dtype == torch.float32 and torch.equal(a, b)
     assert a.min() >= -1 and a.max() <= 1  # model inputs span [-1, 1]
     assert not torch.equal(a, D.normalize(tiles))
-    plain = training.jittered(tiles, training.Recipe(stain_jitter=0), torch.Generator().manual_seed(5))
+    off = training.Recipe(stain_jitter=0, stain_offset=0, colour_jitter=0, sharpness=0, erase=0)
+    plain = training.jittered(tiles, off, torch.Generator().manual_seed(5))
     assert torch.equal(plain, D.normalize(tiles))  # no jitter: exactly the normalised images
+    # jitter_share 0: the stain jitter and erasing alone, the acquisition left as it was
+    only_stain = replace(recipe, jitter_share=0.0, erase=0.0)
+    expected = S.hed_jitter(tiles.float() / 255, 0.3, torch.Generator().manual_seed(5), offset=0.05)
+    torch.testing.assert_close(training.jittered(tiles, only_stain, torch.Generator().manual_seed(5)),
+                               (expected - D.MEAN) / D.STD)
 
 
 def test_exact_flips_are_pixel_permutations(tiles):

@@ -383,9 +383,9 @@ def test_an_epoch_of_small_data_makes_at_least_epoch_steps_optimiser_steps(event
     state = load(run / "last.pt")["optimizer"]["state"]
     assert {int(s["step"]) for s in state.values()} == {26}
     assert json.loads((run / "config.json").read_text())["epoch_steps"] == 10
-    # Full PathMNIST is one pass an epoch at the defaults; a real CV fold's 459 images are 12.
+    # Full PathMNIST is one pass an epoch at the defaults; a real CV fold's 459 images are 23.
     assert passes_per_epoch(89_996, Recipe()) == 1 and steps_per_epoch(89_996, Recipe()) == 704
-    assert passes_per_epoch(459, Recipe()) == 12 and steps_per_epoch(459, Recipe()) >= Recipe().epoch_steps
+    assert passes_per_epoch(459, Recipe()) == 23 and steps_per_epoch(459, Recipe()) >= Recipe().epoch_steps
     # Each pass is a permutation of its own; the first is the one-pass order, so old runs resume alike.
     order, _ = seed_epoch(0, 3, 50, passes=3)
     assert torch.equal(order[:50], seed_epoch(0, 3, 50)[0])
