@@ -1,10 +1,14 @@
-"""Stain and acquisition changes of H&E images on whole batches, deterministic from a generator:
-HED stain concentrations (Ruifrok & Johnston, 2001), brightness, contrast, saturation, hue, blur
-and JPEG. Training jitters with them (training.Recipe); evaluate.py --stain-shift measures
-accuracy under each at graded severities.
+"""Stain and acquisition changes of H&E images on whole batches, deterministic from a generator.
+The benchmark (PERTURBATIONS, 15 families at severities 1-5; evaluate.py --stain-shift): HED stain
+concentrations (Ruifrok & Johnston, 2001), with relative or additive shifts; darker and brighter,
+less and more contrast and saturation, hue; defocus and motion blur, pixelation, JPEG; ink marks
+and air bubbles. The training jitter (training.Recipe): HED scales and offsets, brightness,
+contrast and saturation, blur and sharpening, random erasing. And Reinhard's colour transfer in
+CIE L*a*b*, the stain normalisation pathology toolkits ship (measured, not a default).
 
     from stain import PERTURBATIONS, perturb
-    shifted = perturb(images_uint8, "hed", level=3, seed=0)     # uint8 (N, C, H, W), level 0: identity
+    shifted = perturb(images_uint8, "darker", level=3, seed=0)  # uint8 (N, C, H, W), level 0: identity
+    normalised = reinhard(images_float, lab_statistics(reference).mean(0))
 
     python stain.py ../shared/data      # how far apart the two centres' stains are (the calibration)
 

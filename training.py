@@ -28,7 +28,7 @@ from stain import colour_jitter, hed_jitter, random_erase, sharpness_jitter
 @dataclass
 class Recipe:
     """How the network is trained (train.py's config extends this class, so each is a flag)."""
-    epochs: int = field(default=25, metadata={"min": 1, "help": "epochs (the seed's 25); the cosine schedule anneals over them"})
+    epochs: int = field(default=25, metadata={"min": 1, "help": "epochs (the seed's 25), each of at least --epoch-steps optimiser steps; the cosine schedule anneals over them"})
     epoch_steps: int = field(default=80, metadata={"min": 1, "help": "at least this many optimiser steps per epoch: an epoch is one pass over the training images, or several passes where one pass makes fewer steps, so the default budget trains as long on 500 images as on 90,000 (full PathMNIST at batch 128: 704 steps in one pass; the 459 training images of a real cross-validation fold: 23 passes; 80 measured better than 40 on real tissue, docs/robustness.md); 1: always one pass"})
     batch_size: int = field(default=128, metadata={"min": 1, "help": "training batch per process; 128 keeps BatchNorm statistics stable and CPUs busy"})
     lr: float = field(default=1e-3, metadata={"above": 0, "help": "Adam learning rate (the seed's)"})
@@ -51,8 +51,9 @@ class Recipe:
 
 
 def jittered(images: torch.Tensor, cfg: Recipe, generator: torch.Generator) -> torch.Tensor:
-    """uint8 images -> model input, with the recipe's stain, colour and sharpness jitter (none: normalize).
-    Both are defined for RGB (H&E) images; grayscale MedMNIST flags train without them."""
+    """uint8 images -> model input, with the recipe's stain, colour and sharpness jitter and random
+    erasing (none: normalize). They are defined for RGB (H&E) images; grayscale MedMNIST flags
+    train without them."""
     if not (cfg.stain_jitter or cfg.stain_offset or cfg.colour_jitter or cfg.sharpness or cfg.erase) or images.shape[1] != 3:
         return normalize(images)
     x = hed_jitter(images.float() / 255, cfg.stain_jitter, generator, offset=cfg.stain_offset)
