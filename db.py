@@ -25,6 +25,7 @@ import json
 import os
 import re
 import sqlite3
+import time
 
 import numpy as np
 
@@ -92,7 +93,7 @@ class ExplanationDB:
             raise db_error(self.path, e) from e
         try:
             self._conn.execute("PRAGMA foreign_keys = ON")
-            self._conn.execute("PRAGMA journal_mode = WAL")  # readers never block the writer
+            self._set_wal()  # readers never block the writer
             self._conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL, much faster commits
             # Check again under the write lock: another process may have created the file meanwhile.
             with self._transaction() as conn:
@@ -108,6 +109,19 @@ class ExplanationDB:
         except BaseException:
             self._conn.close()
             raise
+
+    def _set_wal(self) -> None:
+        """Switch to WAL. Two processes opening a new file at once can get SQLITE_BUSY from this
+        pragma without SQLite's busy handler waiting, so retry it for up to the timeout."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                self._conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         self._conn.close()

@@ -578,3 +578,33 @@ def test_rewritten_map_drops_the_metrics_computed_from_it(populated):
     left = db.sample_metrics("deletion_auc")
     assert len(left["value"]) == 39 and ig["attribution_id"][0] not in left["attribution_id"]
     assert [(r["dataset"], r["name"]) for r in db.summary_metrics()] == [("other", "deletion_auc")]
+
+
+def test_switching_to_wal_retries_while_another_process_opens_the_new_file(tmp_path, monkeypatch):
+    """Two processes creating one database at once: SQLite can answer PRAGMA journal_mode = WAL
+    with 'database is locked' at once, without its busy handler waiting (seen about once in 150
+    simultaneous opens). The open retries the pragma within the timeout instead of failing."""
+    import db as DB
+    real_connect = sqlite3.connect
+    refusals = []
+
+    class Busy:
+        def __init__(self, conn):
+            self.conn = conn
+
+        def execute(self, sql, *args):
+            if "journal_mode" in sql and len(refusals) < 3:
+                refusals.append(sql)
+                raise sqlite3.OperationalError("database is locked")
+            return self.conn.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+    monkeypatch.setattr(DB.sqlite3, "connect", lambda *a, **k: Busy(real_connect(*a, **k)))
+    with DB.ExplanationDB(tmp_path / "new.db") as store:
+        assert store._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert len(refusals) == 3
+    refusals.clear()
+    with pytest.raises(DB.DatabaseError, match="locked by another process"):  # past the timeout: the one-line error
+        DB.ExplanationDB(tmp_path / "other.db", timeout=0.0)
