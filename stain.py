@@ -86,15 +86,17 @@ def hed_jitter(x: torch.Tensor, strength: float, g: torch.Generator, exact: bool
     shift = strength / 3 * _draw(n, 2, g, x.device, exact) * c[:, :2].mean((2, 3))
     if offset > 0:
         shift = shift + offset * _draw(n, 2, g, x.device, exact)
-    he = c[:, :2] * scale[:, :, None, None] + shift[:, :, None, None]
-    return from_hed(torch.cat([he, c[:, 2:]], 1))
+    return _restain(c, scale, shift)
 
 
 def hed_offset(x, level, g, exact=True):
     """Tellez et al.'s HED augmentation as a test: H and E scaled by 1 +- level, shifted by +- level."""
-    c = to_hed(x)
     scale = 1 + level * _draw(len(x), 2, g, x.device, exact)
-    shift = level * _draw(len(x), 2, g, x.device, exact)
+    return _restain(to_hed(x), scale, level * _draw(len(x), 2, g, x.device, exact))
+
+
+def _restain(c: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """RGB of stain concentrations c with H and E scaled and shifted per image ((N, 2) each)."""
     he = c[:, :2] * scale[:, :, None, None] + shift[:, :, None, None]
     return from_hed(torch.cat([he, c[:, 2:]], 1))
 
@@ -209,15 +211,16 @@ def _per_image_filter(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
 
 
 def _supersampled(inside, radius: int, n: int = 8) -> torch.Tensor:
-    """A (2r+1)^2 kernel: the share of each pixel's n x n subsamples for which inside(u, v) holds
-    (pixel coordinates from the centre), normalised to sum 1."""
+    """(..., 2r+1, 2r+1) kernels: the share of each pixel's n x n subsamples for which inside(u, v)
+    holds (pixel coordinates from the centre; inside may broadcast to leading dimensions, one kernel
+    each), normalised to sum 1."""
     t = (torch.arange(n) + 0.5) / n - 0.5
     grid = torch.arange(-radius, radius + 1, dtype=torch.float32)
     v = (grid[:, None] + t[None, :]).reshape(-1)
-    k = inside(v[None, :], v[:, None]).float()  # (K*n, K*n): rows y, columns x
+    k = inside(v[None, :], v[:, None]).float()  # (..., K*n, K*n): rows y, columns x
     side = 2 * radius + 1
-    k = k.reshape(side, n, side, n).mean((1, 3))
-    return k / k.sum()
+    k = k.reshape(*k.shape[:-2], side, n, side, n).mean((-3, -1))
+    return k / k.sum((-2, -1), keepdim=True)
 
 
 def _pixels(x: torch.Tensor, level_at_28: float) -> float:
@@ -236,10 +239,11 @@ def motion(x, level, g, exact=True):
     """Motion blur: a line kernel of length 2 x level pixels at 28 px, at a random angle per image."""
     length = _pixels(x, 2 * level)
     radius = int(np.ceil(length / 2))
-    angles = (torch.rand(len(x), generator=g) * np.pi).tolist()
-    kernels = [_supersampled(lambda u, v, a=a: ((u * np.cos(a) + v * np.sin(a)).abs() <= length / 2)
-                             & ((v * np.cos(a) - u * np.sin(a)).abs() <= 0.5), radius) for a in angles]
-    return _per_image_filter(x, torch.stack(kernels))
+    a = (torch.rand(len(x), generator=g) * np.pi).view(-1, 1, 1)
+    cos, sin = a.cos(), a.sin()
+    kernels = _supersampled(lambda u, v: ((u * cos + v * sin).abs() <= length / 2) & ((v * cos - u * sin).abs() <= 0.5),
+                            radius)
+    return _per_image_filter(x, kernels)
 
 
 def pixelate(x, level, g, exact=True):
@@ -249,7 +253,7 @@ def pixelate(x, level, g, exact=True):
 
 
 def blur(x, sigma, g, exact=True):
-    """Gaussian blur of standard deviation sigma pixels (training's --blur)."""
+    """Gaussian blur of standard deviation sigma pixels (what sharpness_jitter blends toward)."""
     radius = max(1, int(np.ceil(3 * sigma)))
     k = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device) / sigma) ** 2)
     k = (k / k.sum()).view(1, 1, 1, -1).repeat(3, 1, 1, 1)
