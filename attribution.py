@@ -1,6 +1,6 @@
 """Attribution methods behind one registry: Integrated Gradients (black, blurred or mean-colour
-reference), Blur IG, SmoothGrad, expected gradients, occlusion, and the CAM family (Grad-CAM, Grad-CAM++,
-HiResCAM, LayerCAM).
+reference), Blur IG, SmoothGrad, expected gradients, occlusion, LRP (Zennit), the CAM family (Grad-CAM,
+Grad-CAM++, HiResCAM, LayerCAM) and pixel maps weighted by Grad-CAM.
 
     from attribution import METHODS, AttributionSettings
     method = METHODS["ig"]
@@ -39,6 +39,7 @@ class AttributionSettings:
     ig_internal_batch: int = field(default=128, metadata={"min": 1, "help": "images x steps per IG forward/backward: bounds memory; 128 is fastest on CPU, GPUs like more"})
     nt_samples: int = field(default=10, metadata={"min": 1, "help": "SmoothGrad: noisy copies per image"})
     nt_stdev: float = field(default=0.15, metadata={"min": 0.0, "help": "SmoothGrad: noise std in input units (inputs span [-1, 1])"})
+    lrp_composite: str = field(default="epsilon_gamma_box", metadata={"help": "LRP: Zennit's rule composite (BatchNorm merged into its convolution): z-box on the input layer, gamma = 0.25 on convolutions, epsilon on dense layers; or z+ on convolutions and the flat rule on the input layer", "choices": ("epsilon_gamma_box", "epsilon_plus_flat")})
     batch_size: int = field(default=256, metadata={"min": 1, "help": "images per attribution batch and per database transaction"})
     store_dtype: str = field(default="float16", metadata={"help": "blob precision", "choices": ("float16", "float32")})
 
@@ -193,6 +194,59 @@ def occlusion(model, layer, x, target, s: AttributionSettings, seeds) -> Attribu
     return Attribution(attr / c)
 
 
+def lrp(model, layer, x, target, s: AttributionSettings, seeds) -> Attribution:
+    """Layer-wise relevance propagation (Bach et al., 2015) by Zennit's composites (Anders et al., 2021),
+    each BatchNorm merged into the convolution before it (Zennit's canonizer; a no-op for an
+    inference copy, whose BatchNorm is already folded). Relevance starts as the target logit and is
+    conserved layer by layer except what the biases and the epsilon absorb: the delta is
+    sum(map) - logit. Zennit over Captum's LRP: Captum has no z-box or gamma rule and no
+    BatchNorm canonizer, and refuses a network whose ReLU modules are reused or in place."""
+    from zennit.attribution import Gradient
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
+    from zennit.torchvision import ResNetCanonizer
+    import torchvision
+    canonizer = ResNetCanonizer() if isinstance(model, torchvision.models.ResNet) else SequentialMergeBatchNorm()
+    low, high = normalize(torch.tensor([0, 255], dtype=torch.uint8)).tolist()
+    composite = (EpsilonGammaBox(low=low, high=high, canonizers=[canonizer]) if s.lrp_composite == "epsilon_gamma_box"
+                 else EpsilonPlusFlat(canonizers=[canonizer]))
+    with torch.enable_grad(), _no_inplace(model), Gradient(model=model, composite=composite) as attributor:
+        out, relevance = attributor(x.detach().clone().requires_grad_(True),
+                                    lambda y: F.one_hot(target, y.shape[1]).to(y) * y)
+    logit = out.detach().float().gather(1, target[:, None])[:, 0]
+    relevance = relevance.detach().float()
+    return Attribution(relevance, delta=relevance.flatten(1).double().sum(1) - logit.double())
+
+
+class _no_inplace:
+    """ReLU(inplace=False) for the duration: Zennit's hooks must see each layer's own output."""
+
+    def __init__(self, model):
+        self.relus = [m for m in model.modules() if isinstance(m, torch.nn.ReLU) and m.inplace]
+
+    def __enter__(self):
+        for m in self.relus:
+            m.inplace = False
+
+    def __exit__(self, *exc):
+        for m in self.relus:
+            m.inplace = True
+
+
+def cam_weighted(pixel_method: Callable[..., Attribution]):
+    """A pixel map weighted by Grad-CAM: each pixel's relevance (channel sum) times the upsampled
+    Grad-CAM map scaled to a maximum of 1. Grad-CAM says which region holds the class evidence at
+    its layer's coarse grid, the pixel map where inside it (Selvaraju et al.'s Guided Grad-CAM, with
+    a faithful pixel map in place of guided backpropagation)."""
+    def method(model, layer, x, target, s: AttributionSettings, seeds) -> Attribution:
+        pixels = pixel_method(model, layer, x, target, s, seeds).maps.detach().float().sum(1)
+        cam = gradcam(model, layer, x, target, s, seeds).maps.detach().float()
+        peak = cam.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]
+        return Attribution(pixels * cam / peak)
+    method.__doc__ = cam_weighted.__doc__
+    return method
+
+
 def _activations_and_gradients(model, layer, x, target) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's output A and the gradient of the target logit with respect to it, (N, K, h, w) each."""
     seen = {}
@@ -252,6 +306,12 @@ class Method:
     # the maps sum to f(x) - f(reference(x)) up to the stored delta, which fewer steps make larger
     cam: bool = False       # a map of the model's Grad-CAM layer (non-negative, N x H x W), else of the input
     title: str = ""         # its name in figures
+    uses_layer: bool = False  # an input-space map that also needs the Grad-CAM layer
+    conserves_logit: bool = False  # the maps sum to the target logit itself up to the delta (LRP)
+
+    @property
+    def needs_layer(self) -> bool:
+        return self.cam or self.uses_layer
 
 
 METHODS = {
@@ -265,10 +325,19 @@ METHODS = {
         "samples": s.eg_samples, "references": s.eg_references, "drawn": "seed 0 from the split", "output": "logit"}, title="expected gradients"),
     "occlusion": Method(occlusion, lambda s, layer: {"window": "side/14", "stride": "window", "fill": s.baseline,
                                                      "output": "logit"}, title="occlusion"),
+    "lrp": Method(lrp, lambda s, layer: {"composite": s.lrp_composite, "canonizer": "merge batchnorm",
+                                         "library": "zennit", "output": "logit"}, conserves_logit=True, title="LRP"),
     "gradcam": Method(gradcam, _cam_params, cam=True, title="Grad-CAM"),
     "gradcam++": Method(_cam(_gradcampp), _cam_params, cam=True, title="Grad-CAM++"),
     "hirescam": Method(_cam(_hirescam), _cam_params, cam=True, title="HiResCAM"),
     "layercam": Method(_cam(_layercam), _cam_params, cam=True, title="LayerCAM"),
+    # signed (N, H, W) pixel maps that need the Grad-CAM layer for their weights
+    "blur_ig_x_gradcam": Method(cam_weighted(blur_ig), lambda s, layer: {
+        "pixels": "blur_ig", "steps": s.ig_steps, **_cam_params(s, layer), "weight": "gradcam / max"},
+        uses_layer=True, title="Blur IG × Grad-CAM"),
+    "lrp_x_gradcam": Method(cam_weighted(lrp), lambda s, layer: {
+        "pixels": "lrp", "composite": s.lrp_composite, **_cam_params(s, layer), "weight": "gradcam / max"},
+        uses_layer=True, title="LRP × Grad-CAM"),
 }
 
 
@@ -283,6 +352,12 @@ def as_stored(maps: torch.Tensor, dtype: str) -> np.ndarray:
     float16, and faster than numpy's cast. (A map beyond float16's range becomes inf, which the
     database refuses, naming --store-dtype float32.)"""
     return maps.detach().to(getattr(torch, dtype)).contiguous().cpu().numpy()
+
+
+def pixel_scores(maps: torch.Tensor, kind: str = "positive") -> torch.Tensor:
+    """(N,H,W) scores from (N,C,H,W) or (N,H,W) maps: channel sum, then 'positive', 'abs' or 'signed'."""
+    s = maps.sum(1) if maps.ndim == 4 else maps
+    return s.clamp(min=0) if kind == "positive" else s.abs() if kind == "abs" else s
 
 
 def map_seeds(dataset: str, split: str, indices, targets) -> np.ndarray:

@@ -433,17 +433,15 @@ def split_parser():
                                 "subset) into train/val/test per class, for experiments on real images.")
     p.add_argument("src", help="an .npz with one split (e.g. ../shared/data/pathmnist28_real_test718.npz)")
     p.add_argument("out", help="the .npz to write, with train, val and test splits")
-    p.add_argument("--dataset", default="pathmnist")
-    p.add_argument("--size", type=int, default=28)
-    p.add_argument("--seed", type=int, default=0)
+    for flag, default in (("--dataset", "pathmnist"), ("--size", 28), ("--seed", 0)):
+        p.add_argument(flag, type=type(default), default=default)
     return p
 
 
 def _cli() -> None:
     a = split_parser().parse_args()
-    sizes = split_npz(a.src, a.out, a.dataset, a.size, seed=a.seed)
-    print(f"wrote {a.out}: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test images, "
-          "each class split in the same proportions")
+    n = split_npz(a.src, a.out, a.dataset, a.size, seed=a.seed)
+    print(f"wrote {a.out}: {n['train']} train / {n['val']} val / {n['test']} test images, each class split alike")
 
 
 if __name__ == "__main__":

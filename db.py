@@ -420,19 +420,9 @@ class ExplanationDB:
         return out
 
     def merge_from(self, path: str | os.PathLike) -> dict[str, int]:
-        """Copy every model, setting, sample, map and metric of another explanations database here.
-
-        Rows are matched by natural key (checkpoint hash; method and params; dataset, size, split,
-        index; model, setting, sample, target), so ids are remapped and merging twice adds nothing.
-        Where both files hold a map under one key but the maps differ, this file's row is kept (with
-        its metrics) and counted in map_conflicts; the source's metrics of that map, and its
-        aggregates over that model/setting/data, are left out (metric_conflicts, with the metrics
-        whose values differ). The source is opened read-only and checked first (DatabaseError if
-        missing, foreign, damaged or newer); the copy is one transaction, so an error changes nothing.
-
-        Returns rows added per table (models, settings, samples, maps, sample_metrics,
-        summary_metrics) and maps_present, map_conflicts, metric_conflicts.
-        """
+        """Copy every model, setting, sample, map and metric of another explanations database here,
+        in one transaction; merging twice adds nothing (db_merge.merge_into says how keys and
+        conflicts are handled). Returns rows added per table and the conflicts."""
         return merge_into(self.path, os.fspath(path), self.timeout)
 
 

@@ -83,8 +83,20 @@ _MERGE_METRICS = {
 
 
 def merge_into(dest: str, source: str, timeout: float) -> dict[str, int]:
-    """The body of ExplanationDB.merge_from (see its docstring): `source` attached read-only to a
-    second connection to `dest`, checked, and copied in one transaction."""
+    """ExplanationDB.merge_from: every model, setting, sample, map and metric of `source` copied into
+    `dest`, attached read-only to a second connection to `dest`, checked, and copied in one transaction.
+
+    Rows are matched by natural key (checkpoint hash; method and params; dataset, size, split,
+    index; model, setting, sample, target), so ids are remapped and merging twice adds nothing.
+    Where both files hold a map under one key but the maps differ, dest's row is kept (with
+    its metrics) and counted in map_conflicts; the source's metrics of that map, and its
+    aggregates over that model/setting/data, are left out (metric_conflicts, with the metrics
+    whose values differ). The source is opened read-only and checked first (DatabaseError if
+    missing, foreign, damaged or newer); the copy is one transaction, so an error changes nothing.
+
+    Returns rows added per table (models, settings, samples, maps, sample_metrics,
+    summary_metrics) and maps_present, map_conflicts, metric_conflicts.
+    """
     version = check_source(source, into=dest)
     # A second connection opened by URI: only then may ATTACH name a URI (mode=ro) everywhere.
     conn = sqlite3.connect(uri(dest), uri=True, timeout=timeout, isolation_level=None)

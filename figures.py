@@ -145,12 +145,31 @@ def plot_training_curves(rows: list[dict], path, title: str) -> Path:
 # ------------------------------------------------------------------------------------------------
 # Explanations
 
-def plot_examples(images, rows: dict, class_names, method: str, path, title: str) -> Path:
-    """One row per example: image in true colours | map with colour bar | overlay on the image.
+def draw_map(fig, ax_map, ax_over, m: np.ndarray, method: str, title: str, note: str, smooth: bool) -> None:
+    """One map and its overlay on the image already drawn in ax_over. CAM maps (non-negative): grayscale
+    and a jet overlay at 45%, as the second seed drew them; the others signed (red supports the class,
+    blue opposes it) and their positive part in red at up to 80% where it reaches the 99.5th
+    percentile of |map|. smooth: bilinear display of CAM maps (figures at model resolution)."""
+    if METHODS[method].cam:
+        lim = max(float(m.max()), 1e-12)
+        how = {"interpolation": "bilinear"} if smooth else {}
+        im = ax_map.imshow(m, cmap="gray", vmin=0, vmax=lim, **how)
+        ax_over.imshow(m, cmap="jet", alpha=0.45, vmin=0, vmax=lim, **how)
+        ax_over.set_title("heat-map overlay", fontsize=7)
+    else:
+        lim = max(float(np.percentile(np.abs(m), 99.5)), 1e-12)
+        im = ax_map.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        pos = np.clip(m / lim, 0, 1)
+        ax_over.imshow(np.dstack([np.ones_like(pos), np.zeros_like(pos), np.zeros_like(pos), 0.8 * pos]),
+                       interpolation="nearest")
+        ax_over.set_title("positive part in red", fontsize=7)
+    ax_map.set_title(title + note, fontsize=7)
+    colour_scale(fig, im, ax_map)
 
-    IG maps are signed (summed over colour channels, red supports the class, blue opposes it);
-    Grad-CAM maps are non-negative and drawn as the second seed did: grayscale, then a jet overlay.
-    """
+
+def plot_examples(images, rows: dict, class_names, method: str, path, title: str) -> Path:
+    """One row per example: image in true colours | map with colour bar | overlay (draw_map's rules);
+    maps of colour channels are summed."""
     n = len(rows["index"])
     fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.3 * n + 0.6), squeeze=False)
     for r in range(n):
@@ -164,26 +183,12 @@ def plot_examples(images, rows: dict, class_names, method: str, path, title: str
         colour = "black" if rows["label"][r] == rows["predicted"][r] else "red"
         ax0.set_title(textwrap.fill(f"true: {label}", 30) + "\n" + textwrap.fill(
             f"pred: {pred} (p={rows['confidence'][r]:.2f})", 30), fontsize=7, color=colour)
-        if METHODS[method].cam:
-            lim = max(float(m.max()), 1e-12)
-            im = ax1.imshow(m, cmap="gray", vmin=0, vmax=lim, interpolation="bilinear")
-            raw = rows["raw"][r] if rows.get("raw") is not None else m
-            frame = "\n(flat inside: the border is zero padding)" if padding_frame(raw) else ""
-            ax1.set_title(textwrap.fill(f"{METHODS[method].title} ({class_names[rows['target'][r]]})", 30) + frame,
-                          fontsize=7)
-            ax2.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
-            ax2.imshow(m, cmap="jet", alpha=0.45, vmin=0, vmax=lim, interpolation="bilinear")
-            ax2.set_title("heat-map overlay", fontsize=8)
-        else:
-            lim = max(float(np.percentile(np.abs(m), 99.5)), 1e-12)
-            im = ax1.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-            ax1.set_title(textwrap.fill(f"{METHODS[method].title} for {class_names[rows['target'][r]]}", 30), fontsize=7)
-            ax2.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
-            pos = np.clip(m / lim, 0, 1)
-            ax2.imshow(np.dstack([np.ones_like(pos), np.zeros_like(pos), np.zeros_like(pos), 0.8 * pos]),
-                       interpolation="nearest")
-            ax2.set_title("positive part in red", fontsize=8)
-        colour_scale(fig, im, ax1)
+        ax2.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
+        raw = rows["raw"][r] if rows.get("raw") is not None else m
+        target = class_names[rows["target"][r]]
+        draw_map(fig, ax1, ax2, m, method, textwrap.fill(f"{METHODS[method].title} for {target}", 30),
+                 "\n(flat inside: the border is zero padding)" if METHODS[method].cam and padding_frame(raw) else "",
+                 smooth=True)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
@@ -225,9 +230,7 @@ def plot_tiles(rows: list[dict], path, title: str) -> Path:
     """Image files at their own resolution, one row each: the file | what the model saw | then per
     method its map and overlay, the map upsampled to the file's size (Grad-CAM bilinearly from its
     layer's grid; IG by nearest neighbour: each of its values belongs to one model-input pixel, a
-    block of the file). Grad-CAM as the second seed drew it: grayscale map, then a jet overlay; IG
-    and the other gradient maps signed (red supports the class, blue opposes it), then their
-    positive part in red over the image.
+    block of the file), drawn by draw_map's rules.
 
     rows: dicts of full (H, W, C) and small (s, s, C) uint8, title, wrong (bool) and maps
     {method: (stored map (C, h, w) or (h, w), explained class name)}.
@@ -262,22 +265,10 @@ def plot_tiles(rows: list[dict], path, title: str) -> Path:
             m = torch.nn.functional.interpolate(m[None, None], size=(h, w), mode="bilinear" if smooth else "nearest",
                                                 **({"align_corners": False} if smooth else {}))[0, 0].numpy()
             show(ax_over, full)
-            if smooth:
-                lim = max(float(m.max()), 1e-12)
-                im = ax_map.imshow(m, cmap="gray", vmin=0, vmax=lim)
-                ax_over.imshow(m, cmap="jet", alpha=0.45, vmin=0, vmax=lim)
-                frame = "\n(flat inside: the border is\nzero padding, not evidence)" if padding_frame(stored) else ""
-                ax_map.set_title(textwrap.fill(f"{METHODS[method].title} for {target}", 28) + frame, fontsize=7)
-                ax_over.set_title("heat-map overlay", fontsize=7)
-            else:
-                lim = max(float(np.percentile(np.abs(m), 99.5)), 1e-12)
-                im = ax_map.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-                pos = np.clip(m / lim, 0, 1)
-                ax_over.imshow(np.dstack([np.ones_like(pos), np.zeros_like(pos), np.zeros_like(pos), 0.8 * pos]),
-                               interpolation="nearest")
-                ax_map.set_title(textwrap.fill(f"{METHODS[method].title} for {target} (signed)", 28), fontsize=7)
-                ax_over.set_title("positive part in red", fontsize=7)
-            colour_scale(fig, im, ax_map)
+            signed = "" if smooth else " (signed)"
+            draw_map(fig, ax_map, ax_over, m, method, textwrap.fill(f"{METHODS[method].title} for {target}{signed}", 28),
+                     "\n(flat inside: the border is\nzero padding, not evidence)" if smooth and padding_frame(stored)
+                     else "", smooth=False)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])

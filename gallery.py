@@ -48,7 +48,7 @@ METRIC_TEXT = {
     "deletion_auc_abs": ("deletion by |map|", LOWER, "deletion with pixels ranked by the map's absolute value"),
     "insertion_auc_abs": ("insertion by |map|", HIGHER, "insertion with pixels ranked by the map's absolute value"),
     "rel_delta": ("completeness gap", LOWER, "|sum of the map − (logit(image) − logit(reference))| relative to the "
-                  "logit change (IG: its baseline; Blur IG: the blurred image); under 0.01 the map accounts for the model's output"),
+                  "logit change (IG: its baseline; Blur IG: the blurred image; LRP: the logit itself, conservation); under 0.01 the map accounts for the model's output"),
     "steps_for_tol": ("steps needed", LOWER, "fewest path steps (--ig-steps) that bring 95% of the maps under the completeness "
                       "tolerance (--trust-tol)"),
     "sanity_spearman": ("same map after randomising", LOWER, "rank correlation of |map| with the map of the model "

@@ -1,7 +1,8 @@
-"""The randomisation checks of Hedström et al., "Sanity checks revisited" (2023/2024), beside the
-cascading one of Adebayo et al. (trust.sanity_check): both compare a method's maps of the trained
-model with its maps of the same model with every parametrised layer re-initialised.
+"""Model-parameter randomisation checks: the cascading one of Adebayo et al. (2018) and those of
+Hedström et al., "Sanity checks revisited" (2023/2024). Each compares a method's maps of the trained
+model with its maps of the same model with parametrised layers re-initialised.
 
+    out = sanity_check(model, layer, fn, images, targets, original, cfg, device)  # per stage, cascading
     out = smooth_mprt(model, layer, fn, images, targets, cfg, device, seeds)   # per map, lower: better
     out = efficient_mprt(model, layer, fn, images, targets, cfg, device, seeds)  # per map, higher: better
 
@@ -23,10 +24,53 @@ import copy
 import numpy as np
 import torch
 
+from attribution import attribute_batches, pixel_scores
 from data import normalize
+from stats import nanmean, spearman
 
 NOISE = 0.1      # sMPRT's noise, in units of each image's value range (Quantus's default)
 ENTROPY_BINS = 100
+
+
+def randomisation_stages(model: torch.nn.Module) -> list[tuple[str, list[str]]]:
+    """Parametrised layers (Conv2d, Linear, BatchNorm) grouped by block, output first:
+    LightCNN's classifier.5, classifier.2, features.4, ...; ResNet-50's fc, layer4.2, ..., conv1."""
+    groups = {}
+    for name, module in model.named_modules():  # registration order is forward order here
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.BatchNorm2d)):
+            groups.setdefault(".".join(name.split(".")[:2]), []).append(name)
+    return list(groups.items())[::-1]
+
+
+def sanity_check(model, layer_name, fn, images, targets, original, cfg, device, seeds=None) -> dict:
+    """Cascading model-parameter randomisation (Adebayo et al., 2018).
+
+    Re-initialises the model's blocks one after another from the output towards the input (on a
+    copy), recomputes the maps for the same targets (and the same per-map seeds) and compares them
+    with `original` by Spearman rank correlation per image, on |scores| and on signed scores. Stage
+    "none" recomputes the intact model's maps: it should give ~1 and so checks the comparison
+    itself. An image whose original map is constant (an all-zero Grad-CAM) has no ranking to keep
+    and is left out (NaN); a recomputed map that became constant counts as 0. A method that reflects
+    the model decorrelates. Returns the stage names, the mean per stage ("abs", "signed") and the
+    per-map values (N, stages) ("per_map_abs", "per_map_signed").
+    """
+    net = copy.deepcopy(model)
+    layer = net.get_submodule(layer_name) if layer_name else None
+    ref = {kind: pixel_scores(original, kind).flatten(1).numpy() for kind in ("abs", "signed")}
+    ranked = {kind: (r != r[:, :1]).any(1) for kind, r in ref.items()}
+    stages = [("none", [])] + randomisation_stages(net)
+    rhos = {kind: np.full((len(images), len(stages)), np.nan) for kind in ref}
+    for k, (stage, names) in enumerate(stages):
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.trust_seed + 1 + k)
+            for name in names:
+                net.get_submodule(name).reset_parameters()
+        maps, _ = attribute_batches(fn, net, layer, images, targets, cfg, device, cfg.batch_size, seeds)
+        for kind in ref:
+            rho = np.nan_to_num(spearman(pixel_scores(maps, kind).numpy(), ref[kind]), nan=0.0)
+            rhos[kind][:, k] = np.where(ranked[kind], rho, np.nan)
+    return {"layers": [s for s, _ in stages], **{kind: nanmean(r, 0).tolist() for kind, r in rhos.items()},
+            **{f"per_map_{kind}": r for kind, r in rhos.items()}}
 
 
 def randomised(model: torch.nn.Module, groups, seed: int) -> torch.nn.Module:
@@ -68,7 +112,6 @@ def smoothed_maps(fn, model, layer_name, images, targets, cfg, device, seeds) ->
 
 def smooth_mprt(model, layer_name, fn, images, targets, cfg, device, seeds, groups) -> np.ndarray:
     """Per map: Spearman of the denoised |maps| of the trained and the fully randomised model."""
-    from trust import spearman  # here: trust imports this module for its METRICS
     net = randomised(model, groups, cfg.trust_seed)
     a, b = (smoothed_maps(fn, m, layer_name, images, targets, cfg, device, seeds) for m in (model, net))
     return np.nan_to_num(spearman(a.abs().numpy(), b.abs().numpy()), nan=0.0)

@@ -20,8 +20,6 @@ Grad-CAM maps are the stored upsampled maps, non-negative already.
 """
 from __future__ import annotations
 
-import copy
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -29,9 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attribution import METHODS, Attribution, attribute_batches, make_baseline
+from attribution import METHODS, Attribution, attribute_batches, make_baseline, pixel_scores
 from data import normalize
-from mprt import efficient_mprt, smooth_mprt
+from groundtruth import localisation_scores
+from mprt import efficient_mprt, randomisation_stages, sanity_check, smooth_mprt
+from stats import nanmean, spearman
 from road import FRACTIONS, bootstrap_interval, road_curves
 from road import combined as road_combined
 
@@ -95,45 +95,6 @@ class Summary:
 # ------------------------------------------------------------------------------------------------
 # Building blocks
 
-def pixel_scores(maps: torch.Tensor, kind: str = "positive") -> torch.Tensor:
-    """(N,H,W) scores from (N,C,H,W) or (N,H,W) maps: channel sum, then 'positive', 'abs' or 'signed'."""
-    s = maps.sum(1) if maps.ndim == 4 else maps
-    return s.clamp(min=0) if kind == "positive" else s.abs() if kind == "abs" else s
-
-
-def average_ranks(a: np.ndarray) -> np.ndarray:
-    """Ranks 1..P along the last axis of (N, P); tied values share the average of their ranks."""
-    n, p = a.shape
-    order = np.argsort(a, axis=1, kind="stable")
-    s = np.take_along_axis(a, order, 1)
-    pos = np.broadcast_to(np.arange(p), (n, p))
-    first = np.ones((n, p), bool)
-    first[:, 1:] = s[:, 1:] != s[:, :-1]
-    last = np.ones((n, p), bool)
-    last[:, :-1] = first[:, 1:]
-    start = np.maximum.accumulate(np.where(first, pos, 0), axis=1)
-    end = np.minimum.accumulate(np.where(last, pos, p - 1)[:, ::-1], axis=1)[:, ::-1]
-    ranks = np.empty((n, p))
-    np.put_along_axis(ranks, order, (start + end) / 2 + 1, 1)
-    return ranks
-
-
-def spearman(a, b) -> np.ndarray:
-    """Spearman rank correlation of each pair of rows of (N, ...) arrays; NaN where a row is constant."""
-    ra, rb = (average_ranks(np.asarray(v, np.float64).reshape(len(v), -1)) for v in (a, b))
-    ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
-    den = np.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (ra * rb).sum(1) / den, np.nan)
-
-
-def nanmean(a, axis=None):
-    """np.nanmean without the warning for an all-NaN slice (which stays NaN)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(a, axis=axis)
-
-
 def by_class(values: np.ndarray, classes: np.ndarray, class_names) -> dict:
     """Mean of the defined values per class name (classes without any are left out)."""
     return {class_names[c]: float(np.nanmean(values[classes == c])) for c in np.unique(classes)
@@ -159,12 +120,13 @@ CONTROLS = {"input": input_control, "edge": edge_control}
 @torch.no_grad()
 def logit_gap(model, images, targets, cfg, device, method: str = "ig") -> torch.Tensor:
     """f(x)[t] - f(reference)[t] on logits: what the method's maps must sum to (completeness; its
-    reference: IG's --baseline, Blur IG's blurred image)."""
+    reference: IG's --baseline, Blur IG's blurred image), or f(x)[t] itself for LRP (conservation)."""
     out, reference = [], METHODS[method].reference
     for start in range(0, len(images), cfg.ig_internal_batch):
         x = normalize(images[start:start + cfg.ig_internal_batch].to(device))
         t = targets[start:start + cfg.ig_internal_batch].to(device)[:, None]
-        out.append((model(x).gather(1, t) - model(reference(x, cfg)).gather(1, t))[:, 0].double().cpu())
+        base = 0 if reference is None else model(reference(x, cfg)).gather(1, t)
+        out.append((model(x).gather(1, t) - base)[:, 0].double().cpu())
     return torch.cat(out)
 
 
@@ -197,47 +159,6 @@ def summarise_steps(rel: np.ndarray, out: dict) -> dict:
     enough = [s for s, f in zip(out["steps"], out["below_tol"]) if f >= TRUST_FRACTION]
     out["needed"] = enough[0] if enough else np.nan
     return out
-
-
-def randomisation_stages(model: torch.nn.Module) -> list[tuple[str, list[str]]]:
-    """Parametrised layers (Conv2d, Linear, BatchNorm) grouped by block, output first:
-    LightCNN's classifier.5, classifier.2, features.4, ...; ResNet-50's fc, layer4.2, ..., conv1."""
-    groups = {}
-    for name, module in model.named_modules():  # registration order is forward order here
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.BatchNorm2d)):
-            groups.setdefault(".".join(name.split(".")[:2]), []).append(name)
-    return list(groups.items())[::-1]
-
-
-def sanity_check(model, layer_name, fn, images, targets, original, cfg, device, seeds=None) -> dict:
-    """Cascading model-parameter randomisation (Adebayo et al., 2018).
-
-    Re-initialises the model's blocks one after another from the output towards the input (on a
-    copy), recomputes the maps for the same targets (and the same per-map seeds) and compares them
-    with `original` by Spearman rank correlation per image, on |scores| and on signed scores. Stage
-    "none" recomputes the intact model's maps: it should give ~1 and so checks the comparison
-    itself. An image whose original map is constant (an all-zero Grad-CAM) has no ranking to keep
-    and is left out (NaN); a recomputed map that became constant counts as 0. A method that reflects
-    the model decorrelates. Returns the stage names, the mean per stage ("abs", "signed") and the
-    per-map values (N, stages) ("per_map_abs", "per_map_signed").
-    """
-    net = copy.deepcopy(model)
-    layer = net.get_submodule(layer_name) if layer_name else None
-    ref = {kind: pixel_scores(original, kind).flatten(1).numpy() for kind in ("abs", "signed")}
-    ranked = {kind: (r != r[:, :1]).any(1) for kind, r in ref.items()}
-    stages = [("none", [])] + randomisation_stages(net)
-    rhos = {kind: np.full((len(images), len(stages)), np.nan) for kind in ref}
-    for k, (stage, names) in enumerate(stages):
-        with torch.random.fork_rng():
-            torch.manual_seed(cfg.trust_seed + 1 + k)
-            for name in names:
-                net.get_submodule(name).reset_parameters()
-        maps, _ = attribute_batches(fn, net, layer, images, targets, cfg, device, cfg.batch_size, seeds)
-        for kind in ref:
-            rho = np.nan_to_num(spearman(pixel_scores(maps, kind).numpy(), ref[kind]), nan=0.0)
-            rhos[kind][:, k] = np.where(ranked[kind], rho, np.nan)
-    return {"layers": [s for s, _ in stages], **{kind: nanmean(r, 0).tolist() for kind, r in rhos.items()},
-            **{f"per_map_{kind}": r for kind, r in rhos.items()}}
 
 
 @torch.no_grad()
@@ -284,18 +205,6 @@ def curve_auc(curves: torch.Tensor) -> torch.Tensor:
     return (curves[:, 1:] + curves[:, :-1]).sum(1).double() / (2 * (curves.shape[1] - 1))
 
 
-def localisation(scores: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Relevance mass accuracy (share of the positive score inside the mask; NaN for an all-zero map)
-    and pointing game (share of the maximal pixels inside the mask, i.e. a random pick among tied
-    maxima) per map; the random baseline of both is the mask's area fraction."""
-    pos, inside = scores.clamp(min=0).flatten(1).double(), masks.flatten(1).bool()
-    total = pos.sum(1)
-    mass = torch.where(total > 0, (pos * inside).sum(1) / total, torch.full_like(total, np.nan))
-    top = pos == pos.max(1, keepdim=True).values
-    return {"relevance_mass": mass, "pointing_game": (top & inside).sum(1) / top.sum(1).double(),
-            "area": inside.double().mean(1)}
-
-
 # ------------------------------------------------------------------------------------------------
 # The metrics: measure (per-map arrays) and summarise (name -> Summary)
 
@@ -306,7 +215,7 @@ def mean_summary(values: dict[str, np.ndarray], ctx: Context) -> dict[str, Summa
 
 
 def measure_completeness(ctx: Context, m: Maps):
-    if METHODS[m.method].reference is None:
+    if METHODS[m.method].reference is None and not METHODS[m.method].conserves_logit:
         return None
     gap = logit_gap(ctx.model, m.images, torch.from_numpy(m.target), ctx.cfg, ctx.device, m.method)
     return {"rel_delta": relative_delta(m.delta, gap)}
@@ -323,9 +232,9 @@ def measure_localisation(ctx: Context, m: Maps):
     if m.masks is None:
         return None
     own = m.target == m.label  # the mask marks the evidence for the true class only
-    loc = localisation(pixel_scores(m.maps), m.masks)
-    return {"relevance_mass": np.where(own, loc["relevance_mass"].numpy(), np.nan),
-            "pointing_game": np.where(own, loc["pointing_game"].numpy(), np.nan),
+    loc = localisation_scores(pixel_scores(m.maps), m.masks.bool())
+    return {"relevance_mass": np.where(own, loc["mass"].numpy(), np.nan),
+            "pointing_game": np.where(own, loc["pointing"].numpy(), np.nan),
             "_area": np.where(own, loc["area"].numpy(), np.nan)}
 
 
@@ -359,7 +268,7 @@ def summarise_steps_needed(values, ctx) -> dict[str, Summary]:
 
 
 def _layer(ctx: Context, m: Maps) -> str | None:
-    return ctx.layer_name if METHODS[m.method].cam else None
+    return ctx.layer_name if METHODS[m.method].needs_layer else None
 
 
 def measure_sanity(ctx: Context, m: Maps):

@@ -85,7 +85,8 @@ def print_trust(rows: list[dict]) -> None:
     per_setting = {}
     for r in rows:
         per_setting.setdefault((r["model"], r["sha256"], r["method"] or "", r["setting_id"] or 0), {})[r["name"]] = r
-    print("trust (n: images of the expensive checks; relΔ = |delta| / |f(x)-f(reference)| of IG and Blur IG; "
+    print("trust (n: images of the expensive checks; relΔ = |delta| / |f(x)-f(reference)| of IG and Blur IG, "
+          "|sum - f(x)| / |f(x)| of LRP; "
           "steps95: path steps for 95% under --trust-tol; sanity ρ: Spearman |map| after randomising all layers; "
           "m/rnd: map vs random; black-fill deletion/insertion is confounded on tissue, read ROAD; "
           "maps ranked by their positive part, |map| rows by absolute value)")

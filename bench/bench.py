@@ -8,6 +8,7 @@
     python bench/bench.py accuracy           # both training recipes, 3 seeds: test accuracy
     python bench/bench.py real               # real-image cross-validation of the training recipes (bench/cv.py)
     python bench/bench.py xai                # the explanation leaderboard on real folds (bench/xai.py)
+    python bench/bench.py planted            # explanations against planted marks on real folds (bench/planted.py)
 
 The data is our synthetic set written as pathmnist.npz (MedMNIST layout, no masks) in a temp folder;
 the seed reads it through medmnist.PathMNIST, ours through data.load_data. Other processes share
@@ -306,7 +307,7 @@ def accuracy(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("mode", nargs="?", default="speed", choices=("speed", "accuracy", "real", "xai"))
+    p.add_argument("mode", nargs="?", default="speed", choices=("speed", "accuracy", "real", "xai", "planted"))
     p.add_argument("--quick", action="store_true", help="smoke run: small sizes, one run")
     p.add_argument("--only", default=",".join(SECTIONS),
                    type=lambda v: [k for k in v.split(",") if k], help="speed: the sections to run")
@@ -317,12 +318,12 @@ def main() -> None:
     p.add_argument("--n-ig", type=int, default=64, help="images explained per run and side")
     p.add_argument("--n-store", type=int, default=7180, help="maps written per run and side (the PathMNIST test split)")
     p.add_argument("--epochs", type=int, default=0, help="accuracy: training epochs per recipe (0: 4); real: the seed's "
-                   "recipe's epochs (0: 40; ours trains its Recipe's budget, --train epochs=N to change it); xai: "
-                   "epochs of one pass each (0: 40)")
+                   "recipe's epochs (0: 40; ours trains its Recipe's budget, --train epochs=N to change it)")
     p.add_argument("--patience", type=int, default=10, help="real: early stopping after this many epochs without a "
                    "better validation score")
     p.add_argument("--seeds", type=int, default=3, help="accuracy, real, xai: training seeds")
-    p.add_argument("--train", nargs="*", default=[], help="training.Recipe overrides for ours, KEY=VALUE")
+    p.add_argument("--train", nargs="*", default=[], help="training.Recipe overrides for ours (real, xai, planted: "
+                   "of train.py's defaults), KEY=VALUE")
     p.add_argument("--variants", default="", help="real: our recipes to compare, 'NAME=KEY=VALUE,KEY=VALUE ...' "
                    "(default: ours as shipped, with --train)")
     p.add_argument("--folds", type=int, default=5, help="real, xai: cross-validation folds")
@@ -335,14 +336,18 @@ def main() -> None:
     p.add_argument("--tmp", default="", help="folder for the temporary data and databases (a real disk)")
     p.add_argument("--rand-n", type=int, default=16, help="xai: images per fold for the randomisation checks")
     p.add_argument("--figure", default="", help="xai: also draw the ROAD curves into this PNG")
-    p.add_argument("--entries", default="", help="xai: only the entries whose name contains one of these "
+    p.add_argument("--entries", default="", help="xai, planted: only the entries whose name contains one of these "
                    "comma-separated words (case-insensitive), e.g. occlusion,Grad-CAM")
+    p.add_argument("--workers", type=int, default=2, help="planted: training processes at once (one thread each)")
+    p.add_argument("--models", default="", help="planted: keep the trained models in this folder and reuse those "
+                   "already there")
+    p.add_argument("--fold-ids", default="", help="planted: only these comma-separated folds (e.g. 0,1)")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     args = p.parse_args()
     if set(args.only) - set(SECTIONS):
         p.error(f"--only takes a comma-separated subset of {','.join(SECTIONS)}")
     args.n_train = args.n_train or (4096 if args.mode == "speed" else 10000)
-    args.epochs = args.epochs or (40 if args.mode in ("real", "xai") else 4)
+    args.epochs = args.epochs or (40 if args.mode == "real" else 4)
     if args.quick:
         args.runs, args.n_train, args.n_test, args.n_ig, args.n_store = 1, 1024, 512, 8, 128
         args.epochs, args.seeds = 1, 2
@@ -362,12 +367,26 @@ def main() -> None:
     elif args.mode == "xai":
         import xai
         print(f"machine: {machine()}", flush=True)
+        from training import Recipe
+        recipe = Recipe(**parse_sets(args.train + (["epochs=3", "epoch_steps=1"] if args.quick else []), Recipe))
         results = xai.run(Path(args.real), k=2 if args.quick else args.folds, seeds=2 if args.quick else args.seeds,
-                          epochs=3 if args.quick else args.epochs, rand_n=4 if args.quick else args.rand_n,
+                          recipe=recipe, rand_n=4 if args.quick else args.rand_n,
                           n_per_fold=12 if args.quick else 0, entries=xai.pick(args.entries))
         print(xai.report(results))
         if args.figure:
             print(f"wrote {xai.figure(results, Path(args.figure))}")
+    elif args.mode == "planted":
+        import planted
+        import xai
+        from training import Recipe
+        print(f"machine: {machine()}", flush=True)
+        folds = [int(f) for f in args.fold_ids.split(",") if f] or None
+        results = planted.run(Path(args.real), k=args.folds, folds=[0] if args.quick else folds,
+                              entries=xai.pick(args.entries), workers=args.workers,
+                              recipe_sets=parse_sets(args.train + (["epochs=2"] if args.quick else []), Recipe),
+                              n_max=8 if args.quick else 0, groups=[0] if args.quick else None,
+                              models=args.models)
+        print(planted.report(results))
     else:
         results = accuracy(args)
     if args.json:

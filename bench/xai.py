@@ -1,15 +1,15 @@
 """The explanation leaderboard: every attribution method over the real cross-validation folds, ranked
 by ROAD, with the randomisation checks, repeatability across training seeds and the time per map.
 
-    python bench/bench.py xai                  # 5 folds x 3 seeds on the 718 real images (~80 min, 2 cores)
+    python bench/bench.py xai                  # 5 folds x 3 seeds on the 718 real images (hours on 2 cores)
     python bench/bench.py xai --quick          # 2 folds x 2 seeds, 24 images each: a smoke run
     python bench/bench.py xai --json xai.json --figure road.png
     python bench/bench.py xai --entries occlusion,grad-cam   # only these entries (same folds, seeds, models)
 
-Each (fold, seed) trains LightCNN with LEADERBOARD_RECIPE (bench/cv.py), the recipe the leaderboard was
-measured with: the defaults before the step budget and the acquisition jitter, 40 one-pass epochs, on
-the other folds and explains its held-out fold, the predicted class of every
-image, with every entry of ENTRIES. Per entry:
+Each (fold, seed) trains LightCNN with train.py's defaults (training.Recipe(); bench.py's --train
+overrides them, and `--train` + FIRST_RECIPE gives the first leaderboard's recipe) on the other folds
+and explains its held-out fold, the predicted class of every image, with every entry of ENTRIES.
+The ground-truth yardstick (planted marks) is bench/planted.py. Per entry:
 - ROAD combined minus a random map's (road.py; the same per-image seeds for tie order and imputation
   noise, so the difference is paired), per image averaged over the seeds' models, with a 95%
   bootstrap interval over images; MoRF and LeRF separately; the model-blind Sobel-edge control beside.
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,14 +35,15 @@ from attribution import METHODS, AttributionSettings
 from cv import carve_val, fit_ours, stratified_folds
 from data import Split, load_data, normalize
 from model import GRADCAM_LAYERS, inference_copy, predict
-from mprt import efficient_mprt, randomised, smooth_mprt
+from attribution import pixel_scores
+from mprt import efficient_mprt, randomisation_stages, randomised, smooth_mprt
 from road import FRACTIONS, bootstrap_interval, road_curves
 from training import Recipe
 
-# The recipe of the published leaderboard (docs/trust.md): one pass per epoch, no acquisition jitter.
-LEADERBOARD_RECIPE = Recipe(epochs=40, epoch_steps=1, stain_offset=0.0, colour_jitter=0.0, sharpness=0.0, erase=0.0,
-                            jitter_share=1.0)
-from trust import edge_control, nanmean, pixel_scores, randomisation_stages, spearman
+# The recipe of the first leaderboard (docs/trust.md), one pass per epoch and no acquisition jitter:
+FIRST_RECIPE = "epochs=40 epoch_steps=1 stain_offset=0 colour_jitter=0 sharpness=0 erase=0 jitter_share=1"
+from stats import nanmean, spearman
+from trust import edge_control
 
 # name -> (method, AttributionSettings overrides)
 ENTRIES = {
@@ -59,6 +60,10 @@ ENTRIES = {
     "Grad-CAM++": ("gradcam++", {}),
     "HiResCAM": ("hirescam", {}),
     "LayerCAM": ("layercam", {}),
+    "LRP, ε-γ-box rules": ("lrp", {}),
+    "LRP, ε-z⁺-flat rules": ("lrp", {"lrp_composite": "epsilon_plus_flat"}),
+    "Blur IG × Grad-CAM": ("blur_ig_x_gradcam", {}),
+    "LRP × Grad-CAM": ("lrp_x_gradcam", {}),
 }
 EDGES = "Sobel edges (ignores the model)"
 
@@ -85,7 +90,7 @@ def explain(entry: str, net, x_uint8: torch.Tensor, targets: torch.Tensor, seeds
     method, overrides = ENTRIES[entry]
     s = replace(Settings(), **overrides)
     s.references = refs
-    layer = net.get_submodule(GRADCAM_LAYERS["lightcnn"]) if METHODS[method].cam else None
+    layer = net.get_submodule(GRADCAM_LAYERS["lightcnn"]) if METHODS[method].needs_layer else None
     x = normalize(x_uint8).contiguous(memory_format=torch.channels_last)
     maps = METHODS[method].attribute(net, layer, x, targets, s, seeds).maps.detach().float()
     return pixel_scores(maps, "signed")
@@ -97,7 +102,7 @@ def settings_for(entry: str, refs) -> Settings:
     return s
 
 
-def run(real: Path, k: int = 5, seeds: int = 3, epochs: int = 40, rand_n: int = 16, n_per_fold: int = 0,
+def run(real: Path, k: int = 5, seeds: int = 3, recipe: Recipe = Recipe(), rand_n: int = 16, n_per_fold: int = 0,
         entries: list[str] | None = None) -> dict:
     entries = entries or list(ENTRIES)
     data = load_data("pathmnist", 28, real, ("test",))
@@ -123,7 +128,7 @@ def run(real: Path, k: int = 5, seeds: int = 3, epochs: int = 40, rand_n: int = 
         maps_by_seed, preds = {e: [] for e in entries}, []
         for s in range(seeds):
             t0 = time.perf_counter()
-            net, _ = fit_ours(fold, replace(LEADERBOARD_RECIPE, epochs=epochs), s, 10)
+            net, _ = fit_ours(fold, recipe, s, 10)
             fast = inference_copy(net)
             pred = torch.from_numpy(predict(net, x_uint8, 256, "cpu", data.task).argmax(1))
             preds.append(pred)
@@ -165,7 +170,7 @@ def run(real: Path, k: int = 5, seeds: int = 3, epochs: int = 40, rand_n: int = 
                         "method": ENTRIES[e][0], **ENTRIES[e][1]}
     rows["random map"] = {"morf": np.mean(np.concatenate(curves["random map"]["morf"]), 0).tolist(),
                           "lerf": np.mean(np.concatenate(curves["random map"]["lerf"]), 0).tolist()}
-    return {"rows": rows, "k": k, "seeds": seeds, "epochs": epochs, "n_images": len(np.concatenate(per_image[entries[0]])),
+    return {"rows": rows, "k": k, "seeds": seeds, "recipe": asdict(recipe), "n_images": len(np.concatenate(per_image[entries[0]])),
             "rand_n": rand_n, "held_out_acc": float(np.mean(accs)), "fractions": list(FRACTIONS)}
 
 
@@ -182,7 +187,7 @@ def _randomisation(rand: dict, entries, net, x_uint8, pred, img_seeds, refs) -> 
     for e in entries:
         method = METHODS[ENTRIES[e][0]]
         s = settings_for(e, refs)
-        layer = GRADCAM_LAYERS["lightcnn"] if method.cam else None
+        layer = GRADCAM_LAYERS["lightcnn"] if method.needs_layer else None
         own, other = (explain(e, m, x_uint8, pred, img_seeds, refs) for m in (net, full))
         rand[e]["mprt"].append(np.nan_to_num(spearman(own.abs().numpy(), other.abs().numpy()), nan=0.0))
         if method.attribute is not METHODS["smoothgrad"].attribute:  # SmoothGrad is itself the denoised IG
@@ -196,7 +201,8 @@ def report(out: dict) -> str:
     """The leaderboard as a Markdown table, best ROAD first."""
     rows = out["rows"]
     ranked = sorted((e for e in rows if "road_minus_random" in rows[e]), key=lambda e: -rows[e]["road_minus_random"])
-    lines = [f"{out['k']} folds x {out['seeds']} seeds (LightCNN, the leaderboard's recipe, {out['epochs']} one-pass epochs), "
+    r = out["recipe"]
+    lines = [f"{out['k']} folds x {out['seeds']} seeds (LightCNN, {r['epochs']} epochs of at least {r['epoch_steps']} steps), "
              f"{out['n_images']} held-out real images (mean held-out accuracy {out['held_out_acc']:.3f}); "
              f"randomisation checks on {out['rand_n']} images per fold. Cross-validation on 718 images from one "
              "centre, not the PathMNIST benchmark.", "",

@@ -128,3 +128,133 @@ def test_blur_ig_sums_to_the_logit_change_from_the_blurred_image_and_differs_fro
     # A batch of 3 path points per pass gives the maps of one pass per point
     one = A.METHODS["blur_ig"].attribute(net, None, real, t, A.AttributionSettings(ig_steps=64, ig_internal_batch=40), None)
     np.testing.assert_allclose(one.maps.detach().numpy(), out.maps.detach().numpy(), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- LRP (Zennit)
+
+class TinyNet(torch.nn.Module):
+    """conv 3->2 (3x3, no padding) -> ReLU -> flatten -> linear 8 -> ReLU -> linear 3, on 4x4 inputs."""
+
+    def __init__(self, bias: bool):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, bias=bias), torch.nn.ReLU())
+        self.classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, 8, bias=bias), torch.nn.ReLU(),
+                                              torch.nn.Linear(8, 3, bias=bias))
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.6
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def _lrp_by_hand(net: TinyNet, x: np.ndarray, t: int, eps: float = 1e-6) -> np.ndarray:
+    """Montavon et al. (2019), rule by rule in numpy: epsilon on the dense layers (biases absorb
+    their share), z-box on the input layer with the input box [-1, 1] (biases cancel out of its
+    three terms), ReLUs pass relevance on unchanged."""
+    w1, w2, w3 = (m.weight.detach().double().numpy() for m in (net.features[0], net.classifier[1], net.classifier[3]))
+    b1, b2, b3 = (np.zeros(len(w)) if m.bias is None else m.bias.detach().double().numpy()
+                  for w, m in ((w1, net.features[0]), (w2, net.classifier[1]), (w3, net.classifier[3])))
+    # the conv as a matrix over the 48 input pixels: row (k, i, j) holds its receptive field
+    conv = np.zeros((2, 2, 2, 3, 4, 4))
+    for k in range(2):
+        for i in range(2):
+            for j in range(2):
+                conv[k, i, j, :, i:i + 3, j:j + 3] = w1[k]
+    conv = conv.reshape(8, 48)
+    a0 = x.reshape(48)
+    a1 = np.maximum(conv @ a0 + np.repeat(b1, 4), 0)
+    a2 = np.maximum(w2 @ a1 + b2, 0)
+    z3 = w3 @ a2 + b3
+
+    def epsilon(a, w, b, r):
+        z = w @ a + b
+        return a * (w.T @ (r / (z + eps * np.where(z >= 0, 1, -1))))
+    r3 = np.zeros(3)
+    r3[t] = z3[t]
+    r1 = epsilon(a1, w2, b2, epsilon(a2, w3, b3, r3))
+    lo, hi = -np.ones(48), np.ones(48)
+    wp, wn = np.clip(conv, 0, None), np.clip(conv, None, 0)
+    z = conv @ a0 - wp @ lo - wn @ hi
+    s = r1 / (z + 1e-6 * np.where(z >= 0, 1, -1))
+    return (a0 * (conv.T @ s) - lo * (wp.T @ s) - hi * (wn.T @ s)).reshape(3, 4, 4)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_lrp_equals_the_rules_computed_by_hand(bias):
+    net = TinyNet(bias).eval()
+    x = torch.rand(5, 3, 4, 4, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    t = torch.tensor([0, 1, 2, 0, 1])
+    out = A.METHODS["lrp"].attribute(net, None, x, t, A.AttributionSettings(), None)
+    for i in range(len(x)):
+        np.testing.assert_allclose(out.maps[i].double().numpy(), _lrp_by_hand(net, x[i].double().numpy(), int(t[i])),
+                                   rtol=1e-4, atol=1e-5)
+    logits = net(x).gather(1, t[:, None])[:, 0].detach().double()
+    np.testing.assert_allclose(out.delta.numpy(), out.maps.flatten(1).double().sum(1).numpy() - logits.numpy(),
+                               atol=1e-5)
+    if not bias:  # conservation: without biases no relevance is absorbed on the way down
+        np.testing.assert_allclose(out.maps.flatten(1).double().sum(1).numpy(), logits.numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("composite", ["epsilon_gamma_box", "epsilon_plus_flat"])
+def test_lrp_conserves_the_logit_through_lightcnn(real, composite):
+    """Every layer of LightCNN (conv, BatchNorm merged by Zennit's canonizer, ReLU, max pooling,
+    dropout, dense) with its biases and BatchNorm shifts zeroed: no relevance is absorbed, so each
+    map sums to its logit, as IG's maps sum to their logit gap."""
+    torch.manual_seed(0)
+    net = M.build_model("lightcnn").eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.zero_()
+        if isinstance(m, torch.nn.Linear):
+            m.bias.data.zero_()
+    x = real[:8]
+    with torch.no_grad():
+        t = net(x).argmax(1)  # the predicted class: a positive logit to conserve
+    s = A.AttributionSettings(lrp_composite=composite)
+    out = A.METHODS["lrp"].attribute(net, net.features[4], x, t, s, None)
+    logits = net(x).gather(1, t[:, None])[:, 0].detach().double()
+    assert (logits > 0).all()
+    np.testing.assert_allclose(out.maps.flatten(1).double().sum(1).numpy(), logits.numpy(), rtol=2e-3)
+    assert all(m.inplace for m in net.modules() if isinstance(m, torch.nn.ReLU))  # restored
+    # BatchNorm merged by Zennit equals BatchNorm folded by torch (the inference copy)
+    folded = A.METHODS["lrp"].attribute(M.inference_copy(net), None, x, t, s, None)
+    np.testing.assert_allclose(folded.maps.numpy(), out.maps.numpy(), atol=1e-4 * out.maps.abs().max().item())
+
+
+def test_lrp_conserves_the_logit_through_resnet50(real):
+    """ResNet-50's residual additions (Zennit's ResNet canonizer splits relevance between the two
+    branches in proportion to their contributions) conserve too, with biases and shifts zeroed."""
+    torch.manual_seed(0)
+    net = M.build_model("resnet50", size=28).eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.bias.data.zero_()
+            m.running_mean.zero_()
+    net.fc.bias.data.zero_()
+    x = real[:2]
+    with torch.no_grad():
+        t = net(x).argmax(1)
+        logits = net(x).gather(1, t[:, None])[:, 0].double()
+    for m in (net, M.inference_copy(net)):
+        out = A.METHODS["lrp"].attribute(m, None, x, t, A.AttributionSettings(), None)
+        np.testing.assert_allclose(out.maps.flatten(1).double().sum(1).numpy(), logits.numpy(), rtol=2e-3)
+
+
+def test_cam_weighted_maps_are_the_pixel_map_times_the_scaled_gradcam(real, net, hand_gradcam):
+    layer = net.get_submodule(M.GRADCAM_LAYERS["lightcnn"])
+    with torch.no_grad():
+        t = net(real).argmax(1)
+    s = A.AttributionSettings(ig_steps=8)
+    for name, pixels in (("blur_ig_x_gradcam", "blur_ig"), ("lrp_x_gradcam", "lrp")):
+        out = A.METHODS[name].attribute(net, layer, real, t, s, None).maps
+        p = A.METHODS[pixels].attribute(net, layer, real, t, s, None).maps.sum(1)
+        cam = torch.nn.functional.interpolate(hand_gradcam(net, layer, real.clone().requires_grad_(True), t),
+                                              size=28, mode="bilinear", align_corners=False)[:, 0]
+        peak = cam.flatten(1).amax(1)
+        assert (peak > 0).float().mean() >= 0.5  # not a product of empty maps
+        expect = p * cam / peak.clamp(min=1e-12)[:, None, None]
+        assert A.METHODS[name].needs_layer and not A.METHODS[name].cam
+        np.testing.assert_allclose(out.numpy(), expect.numpy(), atol=1e-5 * expect.abs().max().item())

@@ -35,7 +35,7 @@ def test_discrete_entropy_equals_scipys_of_numpys_histogram():
 def test_a_model_blind_map_fails_both_checks_and_a_model_map_passes(real, lightcnn_with_fitted_head):
     net = lightcnn_with_fitted_head(300, 1e-2, 200).eval()
     t, seeds = torch.zeros(len(real), dtype=torch.int64), np.arange(len(real))
-    groups = trust.randomisation_stages(net)
+    groups = mprt.randomisation_stages(net)
     blind = mprt.smooth_mprt(net, None, trust.edge_control, real, t, Cfg(), "cpu", seeds, groups)
     np.testing.assert_allclose(blind, 1.0)  # the image's edges: the same map whatever the weights
     e = mprt.efficient_mprt(net, None, trust.edge_control, real, t, Cfg(), "cpu", seeds, groups)
@@ -50,7 +50,7 @@ def test_a_model_blind_map_fails_both_checks_and_a_model_map_passes(real, lightc
 def test_randomised_copy_changes_every_layer_and_leaves_the_model(lightcnn_with_fitted_head):
     net = lightcnn_with_fitted_head(300, 1e-2, 200)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    copy = mprt.randomised(net, trust.randomisation_stages(net), seed=0)
+    copy = mprt.randomised(net, mprt.randomisation_stages(net), seed=0)
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k])
     changed = [k for k, v in copy.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]

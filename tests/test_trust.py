@@ -15,6 +15,8 @@ import attribution as A
 import data as D
 import explain as X
 import model as M
+import mprt
+import stats
 import trust as T
 from db import ExplanationDB
 
@@ -41,33 +43,33 @@ def predicted(net, images) -> torch.Tensor:
 def test_spearman_hand_case_with_ties():
     # a ranks (1, 2.5, 2.5, 4), b ranks (1, 3, 2, 4): centred (-1.5, 0, 0, 1.5) and (-1.5, .5, -.5, 1.5),
     # so rho = 4.5 / sqrt(4.5 * 5) = 3 / sqrt(10).
-    np.testing.assert_array_equal(T.average_ranks(np.array([[1.0, 2, 2, 3], [3, 1, 3, 3]])),
+    np.testing.assert_array_equal(stats.average_ranks(np.array([[1.0, 2, 2, 3], [3, 1, 3, 3]])),
                                   [[1, 2.5, 2.5, 4], [3, 1, 3, 3]])
-    rho = T.spearman(np.array([[1.0, 2, 2, 3], [0, 1, 2, 3], [5, 5, 5, 5]]),
+    rho = stats.spearman(np.array([[1.0, 2, 2, 3], [0, 1, 2, 3], [5, 5, 5, 5]]),
                      np.array([[1.0, 3, 2, 4], [3, 2, 1, 0], [1, 2, 3, 4]]))
     np.testing.assert_allclose(rho[:2], [3 / np.sqrt(10), -1.0], rtol=1e-12)
     assert np.isnan(rho[2])  # a constant map has no ranking
     # Monotone transforms keep it at 1; maps (N, H, W) are flattened per image.
     m = np.random.default_rng(0).standard_normal((3, 5, 5))
-    np.testing.assert_allclose(T.spearman(m, np.exp(m)), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(stats.spearman(m, np.exp(m)), 1.0, rtol=1e-12)
 
 
 def test_spearman_matches_scipy():
-    stats = pytest.importorskip("scipy.stats")
+    scipy_stats = pytest.importorskip("scipy.stats")
     rng = np.random.default_rng(1)
     a, b = rng.integers(0, 4, (6, 50)).astype(float), rng.standard_normal((6, 50))  # many ties in a
-    expected = [stats.spearmanr(x, y).statistic for x, y in zip(a, b)]
-    np.testing.assert_allclose(T.spearman(a, b), expected, rtol=1e-10)
+    expected = [scipy_stats.spearmanr(x, y).statistic for x, y in zip(a, b)]
+    np.testing.assert_allclose(stats.spearman(a, b), expected, rtol=1e-10)
 
 
 # ----------------------------------------------------------------------------- sanity check
 
 def test_randomisation_stages_run_from_the_output_by_block():
-    stages = T.randomisation_stages(M.build_model("lightcnn"))
+    stages = mprt.randomisation_stages(M.build_model("lightcnn"))
     assert [s for s, _ in stages] == ["classifier.5", "classifier.2", "features.4", "features.3",
                                       "features.1", "features.0"]
     assert stages[2][1] == ["features.4.0", "features.4.1"]  # conv and its BatchNorm together
-    names = [s for s, _ in T.randomisation_stages(M.build_model("resnet50", size=28))]
+    names = [s for s, _ in mprt.randomisation_stages(M.build_model("resnet50", size=28))]
     assert names[:2] == ["fc", "layer4.2"] and names[-3:] == ["layer1.0", "bn1", "conv1"] and len(names) == 19
 
 
@@ -77,7 +79,7 @@ def test_sanity_check_flags_maps_that_ignore_the_model(net, split, control):
     images, t = split.images[:8], predicted(net, split.images[:8])
     cfg = X.ExplainConfig(batch_size=4)
     original, _ = A.attribute_batches(T.CONTROLS[control], net, None, images, t, cfg, "cpu", cfg.batch_size)
-    out = T.sanity_check(net, None, T.CONTROLS[control], images, t, original, cfg, "cpu")
+    out = mprt.sanity_check(net, None, T.CONTROLS[control], images, t, original, cfg, "cpu")
     assert len(out["layers"]) == 7 and out["layers"][0] == "none"
     np.testing.assert_allclose(out["abs"], 1.0, rtol=1e-9)
     np.testing.assert_allclose(out["signed"], 1.0, rtol=1e-9)
@@ -96,34 +98,12 @@ def test_sanity_check_decorrelates_methods_that_use_the_model(net, split, method
     module = net.get_submodule(layer) if layer else None
     original, _ = A.attribute_batches(A.METHODS[method].attribute, net, module, images, t, cfg, "cpu", cfg.batch_size)
     before = [p.detach().clone() for p in net.parameters()]
-    out = T.sanity_check(net, layer, A.METHODS[method].attribute, images, t, original, cfg, "cpu")
+    out = mprt.sanity_check(net, layer, A.METHODS[method].attribute, images, t, original, cfg, "cpu")
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # randomised a copy only
     assert out["abs"][0] > 0.99 and out["signed"][0] > 0.99
     assert out["abs"][-1] < 0.3 and out["signed"][-1] < 0.3, out
     assert out["per_map_abs"].shape == (8, 7)
     np.testing.assert_allclose(np.nanmean(out["per_map_abs"], 0), out["abs"])  # the means of the per-map values
-
-
-# ----------------------------------------------------------------------------- localisation
-
-def test_relevance_mass_and_pointing_game():
-    masks = torch.zeros(4, 10, 10, dtype=torch.bool)
-    masks[:, 2:5, 3:9] = True  # 18 of 100 pixels
-    scores = torch.stack([masks[0].float(),                        # the mask itself
-                          torch.full((10, 10), 0.7),               # uniform
-                          torch.zeros(10, 10).index_put_((torch.tensor(3), torch.tensor(4)), torch.tensor(5.0)),
-                          -torch.ones(10, 10)])                    # nothing positive
-    scores[2, 0, 0] = 4.0  # the peak (5 at row 3, col 4) is inside; a lower bump outside
-    out = T.localisation(scores, masks)
-    assert out["relevance_mass"][0] == 1.0
-    assert abs(out["relevance_mass"][1] - 0.18) < 1e-6
-    assert abs(out["relevance_mass"][2] - 5 / 9) < 1e-12
-    assert torch.isnan(out["relevance_mass"][3])  # undefined, not 0 or 1
-    assert out["pointing_game"][:3].tolist() == [1.0, pytest.approx(0.18), 1.0]
-    assert out["pointing_game"][3] == pytest.approx(0.18)  # all tied: a random pick
-    np.testing.assert_allclose(out["area"], 0.18)
-    scores[2, 0, 0] = 6.0  # now the peak is outside
-    assert T.localisation(scores, masks)["pointing_game"][2] == 0.0
 
 
 # ----------------------------------------------------------------------------- deletion / insertion
