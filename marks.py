@@ -7,8 +7,8 @@ scored against ground truth (bench/planted.py).
 
 Each mark is drawn at a random place (from its image's seed), whole inside the image, and its mask
 holds exactly the pixels the mark may change. Sizes are in pixels at 28 and scale with the side.
-`tuned` marks are the ones the explanation defaults were chosen on; the others were added after
-that choice, to say whether the choice holds on marks it was not tuned on.
+`tuned` marks are the ones the explanation defaults are chosen on; the others are kept out of that
+choice, to say whether it holds on marks it was not made on.
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ MARKS = {
     "tinted square": Mark(_square(9, _tint), "a 9 x 9 px region tinted yellow-brown, texture kept"),
     "striped patch": Mark(_square(6, _stripes), "a 6 x 6 px patch of foreign striped texture"),
     "blurred square": Mark(_square(10, _defocused), "a 10 x 10 px region out of focus (blur sigma 2 px)"),
-    # added after the defaults were chosen: marks the choice was not tuned on
+    # kept out of the choice of the defaults: marks it was not made on
     "red ring": Mark(_ring(4, 1.2, (0.75, 0.1, 0.15)), "a red pen circle, 8 px across, 1 px line", tuned=False),
     "wide black stroke": Mark(_stroke(10, 3, (0.1, 0.1, 0.12)), "a marker stroke, 10 x 3 px, black",
                               tuned=False),

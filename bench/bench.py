@@ -335,7 +335,8 @@ def main() -> None:
     p.add_argument("--explain", nargs="*", default=[], help="AttributionSettings overrides for ours (explain.py's IG settings), KEY=VALUE")
     p.add_argument("--tmp", default="", help="folder for the temporary data and databases (a real disk)")
     p.add_argument("--rand-n", type=int, default=16, help="xai: images per fold for the randomisation checks")
-    p.add_argument("--figure", default="", help="xai: also draw the ROAD curves into this PNG")
+    p.add_argument("--figure", default="", help="xai: also draw the ROAD curves into this PNG; "
+                   "planted: the marks and maps of --entries")
     p.add_argument("--entries", default="", help="xai, planted: only the entries whose name contains one of these "
                    "comma-separated words (case-insensitive), e.g. occlusion,Grad-CAM")
     p.add_argument("--workers", type=int, default=2, help="planted: training processes at once (one thread each)")
@@ -387,6 +388,12 @@ def main() -> None:
                               n_max=8 if args.quick else 0, groups=[0] if args.quick else None,
                               models=args.models)
         print(planted.report(results))
+        if args.figure:
+            if not args.models:
+                p.error("planted --figure redraws from the kept models: give --models")
+            shown = xai.pick(args.entries) or ["Blur IG (scale-space path)", "occlusion, Gaussian-blur fill",
+                                               "LRP, ε-γ-box rules", "Grad-CAM"]
+            print(f"wrote {planted.figure(Path(args.real), args.models, Path(args.figure), shown, args.folds)}")
     else:
         results = accuracy(args)
     if args.json:
