@@ -199,13 +199,13 @@ def lrp(model, layer, x, target, s: AttributionSettings, seeds) -> Attribution:
     each BatchNorm merged into the convolution before it (Zennit's canonizer; a no-op for an
     inference copy, whose BatchNorm is already folded). Relevance starts as the target logit and is
     conserved layer by layer except what the biases and the epsilon absorb: the delta is
-    sum(map) - logit. Zennit over Captum's LRP: Captum has no z-box or gamma rule and no
-    BatchNorm canonizer, and refuses a network whose ReLU modules are reused or in place."""
+    sum(map) - logit. Zennit over Captum's LRP: Captum has no z-box rule for the input layer and
+    no canonizer (it gives BatchNorm a rule of its own instead of merging it)."""
+    import torchvision  # here, as in model.py: it adds seconds to a script's start-up
     from zennit.attribution import Gradient
     from zennit.canonizers import SequentialMergeBatchNorm
     from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
     from zennit.torchvision import ResNetCanonizer
-    import torchvision
     canonizer = ResNetCanonizer() if isinstance(model, torchvision.models.ResNet) else SequentialMergeBatchNorm()
     low, high = normalize(torch.tensor([0, 255], dtype=torch.uint8)).tolist()
     composite = (EpsilonGammaBox(low=low, high=high, canonizers=[canonizer]) if s.lrp_composite == "epsilon_gamma_box"

@@ -136,12 +136,14 @@ def test_a_second_images_run_keeps_the_first_runs_rows(ckpt, shared_data, tmp_pa
     # Explained again: its own row is replaced, not doubled.
     explain.main([*common, "--images", str(a / "TUM-TCGA-AAHIDTWA.jpg")])
     assert len(list(csv.DictReader(open(out / "predictions.csv")))) == 3
-    # Image files are one line of the database summary, and Grad-CAM's missing delta is a dash.
+    # Image files are one line of the database summary per default method, and a missing delta
+    # (the default Blur IG x Grad-CAM has none) is a dash.
     explain.print_summary(ExplanationDB(db).summary())
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(" " * 17 + "lightcnn")]
-    assert len(lines) == 2 and all(" files " in line for line in lines) and "nan" not in " ".join(lines)
-    assert "sha256:" not in " ".join(lines) and [line.split()[2] for line in lines] == sorted(
-        explain.ExplainConfig().methods.split(","))
+    defaults = sorted(explain.ExplainConfig().methods.split(","))
+    assert len(lines) == len(defaults) and all(" files " in line for line in lines) and "nan" not in " ".join(lines)
+    assert "sha256:" not in " ".join(lines) and [line.split()[2] for line in lines] == defaults
+    assert any(line.split()[-1] == "-" for line in lines)
 
 
 def test_another_models_predictions_csv_is_left_alone(tmp_path):

@@ -122,3 +122,51 @@ def test_marks_scale_with_the_image_side(tissue):
 def test_unknown_mark_is_refused(tissue):
     with pytest.raises(ValueError, match="unknown mark 'pen'"):
         K.plant(tissue, "pen", [0])
+
+
+# ----------------------------------------------------------------------------- the benchmark's rule
+
+def _bench():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import planted
+    return planted
+
+
+def _job(fold: int, scores: dict, learnt: bool = True) -> dict:
+    """One scored (fold, group) of bench/planted.py with the given per-entry rank accuracies."""
+    row = {"target": 0, "eligible": 10, "caused": 8 if learnt else 1, "clean_model_caused": 0, "mask_px": 7.0,
+           "scores": {e: {"rank": v, "mass": v, "pointing": v} for e, v in scores.items()} if learnt else {}}
+    return {"fold": fold, "group": 0, "marks": {"small blue dot": row}, "held_out_acc": 0.9}
+
+
+def test_the_default_is_the_best_by_the_worse_of_its_two_ranks():
+    """A: best ROAD, worst marks; B: best marks, worst ROAD; C: second on both, so C wins; D is better
+    than C on both but too slow (3x IG), E has no ROAD row and takes no part; the clean-model
+    control and the random map never do."""
+    planted = _bench()
+    gt = {"A": [0.2, 0.3], "B": [0.9, 0.9], "C": [0.6, 0.7], "D": [0.8, 0.8], "E": [1.0, 1.0],
+          "C | clean model": [1.0, 1.0], "random map": [1.0, 1.0]}
+    road = {"A": [0.30, 0.30], "B": [0.01, 0.03], "C": [0.20, 0.20], "D": [0.25, 0.25],
+            planted.IG: [0.0, 0.0], "random map": [0.0]}
+    gt[planted.IG] = [0.1, 0.1]
+    out = {"jobs": [_job(f, gt) for f in range(3)],
+           "road": [{"fold": 0, "road": road, "ms_per_map": {"A": 1, "B": 1, "C": 1, "D": 30, planted.IG: 10}}]}
+    assert planted.choose(out, n=1) == ["C"]
+    assert planted.choose(out, n=2, max_cost=float("inf")) == ["D", "C"]
+    s = planted.summarise(out)
+    assert s["rows"]["C"]["rank"]["tuned"][0] == pytest.approx(0.65)
+    # a mark decided on fewer than MIN_FOLDS folds is reported, not averaged
+    few = {"jobs": [_job(0, gt), _job(1, gt, learnt=False), _job(2, gt, learnt=False)], "road": out["road"]}
+    s = planted.summarise(few)
+    assert s["counted"] == [] and "tuned" not in s["rows"]["C"]["rank"]
+    assert "1 of 3 (not counted)" in planted.report(few)
+
+
+def test_each_fold_plants_its_marks_on_distinct_classes():
+    planted = _bench()
+    for f in range(5):
+        classes = [planted.target_class(f, g, j) for g in range(len(planted.GROUPS)) for j in range(4)]
+        assert len(set(classes)) == len(classes)
+    assert len({planted.target_class(f, 0, 0) for f in range(5)}) == 5  # and move from fold to fold
