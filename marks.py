@@ -3,7 +3,7 @@ a patch of foreign texture, a blurred region) drawn onto real tissue, so that an
 scored against ground truth (bench/planted.py).
 
     from marks import MARKS, plant
-    marked, mask = plant(images_uint8, "wide blob", seeds)   # uint8 (N,3,H,W), bool (N,H,W)
+    marked, mask = plant(images_uint8, "wide green blob", seeds)   # uint8 (N,3,H,W), bool (N,H,W)
 
 Each mark is drawn at a random place (from its image's seed), whole inside the image, and its mask
 holds exactly the pixels the mark may change. Sizes are in pixels at 28 and scale with the side.

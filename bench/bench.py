@@ -380,6 +380,8 @@ def main() -> None:
         import planted
         import xai
         from training import Recipe
+        if args.figure and not args.models:  # before the hour of training, not after it
+            p.error("planted --figure redraws from the kept models: give --models")
         print(f"machine: {machine()}", flush=True)
         folds = [int(f) for f in args.fold_ids.split(",") if f] or None
         results = planted.run(Path(args.real), k=args.folds, folds=[0] if args.quick else folds,
@@ -388,11 +390,9 @@ def main() -> None:
                               n_max=8 if args.quick else 0, groups=[0] if args.quick else None,
                               models=args.models)
         print(planted.report(results))
-        if args.figure:
-            if not args.models:
-                p.error("planted --figure redraws from the kept models: give --models")
-            shown = xai.pick(args.entries) or ["Blur IG (scale-space path)", "occlusion, Gaussian-blur fill",
-                                               "LRP, ε-γ-box rules", "Grad-CAM"]
+        if args.figure:  # the default, the former defaults, LRP and Grad-CAM (images/planted_marks.png)
+            shown = xai.pick(args.entries) or ["Blur IG × Grad-CAM", "Blur IG (scale-space path)", "LRP, ε-γ-box rules",
+                                               "occlusion, Gaussian-blur fill", "Grad-CAM"]
             print(f"wrote {planted.figure(Path(args.real), args.models, Path(args.figure), shown, args.folds)}")
     else:
         results = accuracy(args)

@@ -106,6 +106,7 @@ def road_job(real: str, k: int, f: int, entries: list[str], folder: str) -> dict
     import xai
     from data import normalize
     from model import predict
+    from road import combined as road_combined
     from road import road_curves
     from trust import edge_control
     data, images, labels, train_idx, val_idx, test_idx, Split = _fold_data(Path(real), k, f)
@@ -116,7 +117,7 @@ def road_job(real: str, k: int, f: int, entries: list[str], folder: str) -> dict
     refs = normalize(images[train_idx]).contiguous(memory_format=torch.channels_last)
     seeds = [int(i) * 1009 + 7 for i in test_idx]
     base = road_curves(net, x, pred, torch.rand(len(x), 28, 28, generator=torch.Generator().manual_seed(0)), seeds)
-    gain = lambda c: (((c["lerf"] - c["morf"]).mean(1) - (base["lerf"] - base["morf"]).mean(1)) / 2).numpy().tolist()
+    gain = lambda c: (road_combined(c) - road_combined(base)).tolist()
     out = {xai.EDGES: gain(road_curves(net, x, pred, edge_control(None, None, x, pred, None, None).maps, seeds))}
     ms = {}
     for e in entries:

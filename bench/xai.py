@@ -31,19 +31,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attribution import METHODS, AttributionSettings
+from attribution import METHODS, AttributionSettings, pixel_scores
 from cv import carve_val, fit_ours, stratified_folds
 from data import Split, load_data, normalize
 from model import GRADCAM_LAYERS, inference_copy, predict
-from attribution import pixel_scores
 from mprt import efficient_mprt, randomisation_stages, randomised, smooth_mprt
 from road import FRACTIONS, bootstrap_interval, road_curves
+from road import combined as road_combined
+from stats import nanmean, spearman
 from training import Recipe
+from trust import edge_control
 
 # The recipe of the first leaderboard (docs/trust.md), one pass per epoch and no acquisition jitter:
 FIRST_RECIPE = "epochs=40 epoch_steps=1 stain_offset=0 colour_jitter=0 sharpness=0 erase=0 jitter_share=1"
-from stats import nanmean, spearman
-from trust import edge_control
 
 # name -> (method, AttributionSettings overrides)
 ENTRIES = {
@@ -147,7 +147,7 @@ def run(real: Path, k: int = 5, seeds: int = 3, recipe: Recipe = Recipe(), rand_
                     maps_by_seed[e].append(scores)
                 c = road_curves(fast, x, pred, scores, img_seeds)
                 _collect(curves[e], c)
-                gains[e].append(((c["lerf"] - c["morf"]).mean(1) - (base["lerf"] - base["morf"]).mean(1)).numpy() / 2)
+                gains[e].append(road_combined(c) - road_combined(base))
             if s == 0 and rand_n:
                 _randomisation(rand, entries, net, x_uint8[:rand_n], pred[:rand_n], img_seeds[:rand_n], refs)
         for e in gains:
