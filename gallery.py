@@ -206,14 +206,19 @@ def summary_table(rows: list[dict]) -> str:
     if not rows:
         return "<p>No trust metrics stored for these maps: run explain.py with --trust.</p>"
     out = [verdicts(rows), "<table><thead><tr><th>method</th><th>measure</th><th>better</th><th>value</th>"
-           "<th>random map</th><th>n</th><th>what it measures</th></tr></thead><tbody>"]
+           "<th>random map</th><th title=\"images: the expensive checks add images until their 95% interval is as "
+           "narrow as --trust-halfwidth\">n</th><th>what it measures</th></tr></thead><tbody>"]
     for r in rows:
         label, better, meaning = metric_text(r["name"])
         rnd = r["detail"].get("random") if isinstance(r["detail"], dict) else None
         value = "–" if r["value"] is None or not np.isfinite(r["value"]) else f"{r['value']:.3g}"
+        widths = (r["detail"].get("intervals") if isinstance(r["detail"], dict) else None) or {}
+        width = widths.get(r["name"], widths.get(r["name"] + "_abs"))  # MPRT's headline is its |map| value
         if "ci" in r["detail"]:  # ROAD: the gain over a random map, with its interval
             lo, hi = r["detail"]["ci"]
             value += f"; over random {r['detail']['minus_random']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+        elif width and width[1] is not None:  # an expensive check: its 95% interval, the reason for its n
+            value += f" ± {width[1]:.3f}"
         out.append(f"<tr><td>{html.escape(r['method'] or 'all methods')}</td><td>{html.escape(label)}</td>"
                    f"<td>{html.escape(better)}</td><td>{value}</td><td>{'' if rnd is None else f'{rnd:.3g}'}</td>"
                    f"<td>{r['n']}</td><td class=\"meaning\">{html.escape(meaning)}</td></tr>")

@@ -1,7 +1,9 @@
-"""Rank statistics shared by the trust checks, the randomisation tests and the benchmarks.
+"""Rank statistics and interval half-widths shared by the trust checks, the randomisation tests
+and the benchmarks.
 
     from stats import spearman
     rho = spearman(maps_a, maps_b)   # (N,) one rank correlation per pair of rows
+    mean_halfwidth(rho)              # 95% normal interval of their mean: mean +- this
 """
 from __future__ import annotations
 
@@ -41,3 +43,37 @@ def nanmean(a, axis=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(a, axis=axis)
+
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def mean_halfwidth(values) -> float:
+    """Half-width of the 95% normal interval of the mean of the finite values, z * sd / sqrt(n)
+    (inf below 2 values): the width the adaptive trust checks narrow by adding images."""
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    return float(Z95 * v.std(ddof=1) / np.sqrt(len(v))) if len(v) >= 2 else float("inf")
+
+
+def clustered_halfwidth(values, clusters) -> float:
+    """Half-width of the 95% normal interval of the mean of the finite values when the values of one
+    cluster are correlated (here: images that met the same randomly drawn model): the
+    cluster-robust variance G/(G-1) * sum over clusters of (sum of residuals)^2 / n^2 (Liang and
+    Zeger, 1986; the CR1 factor). One value per cluster gives mean_halfwidth; inf below 2 clusters."""
+    v, c = np.asarray(values, np.float64), np.asarray(clusters)
+    v, c = v[np.isfinite(v)], c[np.isfinite(v)]
+    groups, where = np.unique(c, return_inverse=True)
+    if len(groups) < 2:
+        return float("inf")
+    sums = np.bincount(where, weights=v - v.mean())
+    return float(Z95 * np.sqrt(len(groups) / (len(groups) - 1) * (sums ** 2).sum()) / len(v))
+
+
+def wilson_halfwidth(k: int, n: int) -> float:
+    """Half-width of the 95% Wilson score interval of a share k / n (Wilson, 1927), which stays
+    wider than 0 at a share of 0 or 1 where the normal interval would collapse; inf for n = 0."""
+    if n == 0:
+        return float("inf")
+    z2 = Z95 * Z95
+    return float(Z95 / (1 + z2 / n) * np.sqrt(k * (n - k) / n ** 3 + z2 / (4 * n * n)))

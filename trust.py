@@ -7,8 +7,15 @@
 Each metric is a `measure` function (ctx, maps) -> {name: per-map array} plus a `summarise`
 (the mean per name unless given). A 1-D array under a plain name is stored per map in the database
 (table sample_metrics); arrays under names starting with "_" (curves, per-stage values) only feed
-the summary. Cheap metrics run over every explained map; `expensive` ones over the maps of the
-first --trust-n images. Adding a metric is one function plus one line in METRICS.
+the summary. Cheap metrics run over every explained map. `expensive` ones run on a seeded random
+order of the selected images, 32 and then 16 at a time, until the 95% interval of each of their headlines
+(`intervals`, `stop_on`) is at most --trust-halfwidth wide on either side, or --trust-n images are
+used (trust_run.py). Adding a metric is one function plus one line in METRICS.
+
+No map is computed twice: MPRT's cascade of randomised models gives eMPRT both of its maps and
+sMPRT its noise-free ones (Context.stage_maps, kept per chunk of images), and ROAD's random-map and
+edge-map controls are computed once per chunk for all methods (they depend on the images, targets
+and seeds alone).
 
 Pixel scores from a map: IG-type maps (N,C,H,W) are summed over the colour channels. The sanity
 check compares that signed sum and its absolute value with the model's own maps, as Adebayo et al.
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -30,8 +38,9 @@ import torch.nn.functional as F
 from attribution import METHODS, Attribution, attribute_batches, make_baseline, pixel_scores
 from data import normalize
 from groundtruth import localisation_scores
-from mprt import efficient_mprt, randomisation_stages, sanity_check, smooth_mprt
-from stats import nanmean, spearman
+from mprt import (cascade, draw_seed, emprt_scores, mprt_scores, randomisation_stages, randomised, sanity_check,
+                  smprt_scores, stage_maps)
+from stats import clustered_halfwidth, mean_halfwidth, nanmean, spearman, wilson_halfwidth
 from road import FRACTIONS, bootstrap_interval, road_curves
 from road import combined as road_combined
 
@@ -41,9 +50,10 @@ TRUST_FRACTION = 0.95  # completeness: "steps needed" = fewest steps with this s
 @dataclass
 class TrustSettings:
     """The knobs of the trust checks (explain.py's config extends this class, so each is a flag)."""
-    trust_n: int = field(default=256, metadata={"min": 1, "help": "images used for the expensive checks (sanity, deletion/insertion, completeness vs steps)"})
+    trust_n: int = field(default=256, metadata={"min": 1, "help": "the most images an expensive check (MPRT, sMPRT, eMPRT, ROAD, deletion/insertion, completeness vs steps) may use"})
+    trust_halfwidth: float = field(default=0.05, metadata={"min": 0, "help": "an expensive check takes 32 images, then adds 16 at a time until its headline's 95 percent interval is mean +- this at most (0: always --trust-n images); 0.05 fits the first run in minutes, 0.03 takes about 3 times the images"})
     trust_tol: float = field(default=0.01, metadata={"above": 0, "help": "completeness: |delta| / |f(x)-f(baseline)| below this counts as converged"})
-    trust_steps: str = field(default="4,8,16,32,64,128", metadata={"help": "completeness: IG step counts tried on the --trust-n images"})
+    trust_steps: str = field(default="4,8,16,32,64,128", metadata={"help": "completeness: IG step counts tried on the images of that check"})
     curve_steps: int = field(default=20, metadata={"min": 1, "help": "deletion/insertion: K steps along the fraction of pixels switched"})
     trust_seed: int = field(default=0, metadata={"help": "seeds re-initialisation, random pixel orders and tie breaks"})
     smprt_samples: int = field(default=10, metadata={"min": 1, "help": "sMPRT: noisy copies averaged per map (Quantus uses 50 on ImageNet)"})
@@ -78,11 +88,56 @@ class Maps:
 
 @dataclass
 class Context:
-    model: torch.nn.Module        # the inference copy the maps were computed with
+    model: torch.nn.Module        # the trained model (BatchNorm not folded, so each layer can be re-initialised)
     layer_name: str | None        # the method's layer (Grad-CAM), None for input-space methods
     cfg: object                   # AttributionSettings + TrustSettings + batch_size (ExplainConfig)
     device: torch.device
     class_names: list[str]
+    cache: dict = field(default_factory=dict)  # models and maps shared between metrics, for one chunk of images
+    draw_of: dict = field(default_factory=dict)  # image index -> the random model it meets (0 where absent)
+
+    def draws(self, m: "Maps") -> np.ndarray:
+        """Per map, the random model its image meets (trust_run: DRAW_GROUP images each)."""
+        return np.array([self.draw_of.get(i, 0) for i in m.index.tolist()], np.int64)
+
+    def by_draw(self, m: "Maps") -> list[tuple[int, np.ndarray]]:
+        """(draw, rows of m) per random model that m's images meet."""
+        draws = self.draws(m)
+        return [(int(d), np.flatnonzero(draws == d)) for d in np.unique(draws)]
+
+    def stages(self, draw: int) -> list:
+        """The cascade of randomised layers of one draw (mprt.cascade), kept until the cache is cleared."""
+        if ("cascade", draw) not in self.cache:
+            self.cache["cascade", draw] = cascade(self.model, draw_seed(self.cfg.trust_seed, draw))
+        return self.cache["cascade", draw]
+
+    def randomised(self, draw: int) -> torch.nn.Module:
+        """The fully randomised model of one draw: every stage of its cascade applied."""
+        if ("randomised", draw) not in self.cache:
+            self.cache["randomised", draw] = randomised(self.model, self.stages(draw))
+        return self.cache["randomised", draw]
+
+    def stage_maps(self, m: "Maps", last_only: bool = False) -> list[torch.Tensor]:
+        """m's method's maps of m's images, each image under its own draw: the trained model, then
+        each stage of the cascade (with `last_only`: the trained and the fully randomised model),
+        shared until the cache is cleared."""
+        key = ("stages", m.method, m.index.tobytes(), m.target.tobytes())
+        if key in self.cache:
+            return self.cache[key]
+        out = []
+        for draw, rows in self.by_draw(m):
+            stages = self.stages(draw)
+            if last_only:
+                stages = [("all", {k: v for _, state in stages for k, v in state.items()})]
+            r = torch.from_numpy(rows)
+            maps = stage_maps(self.model, _layer(self, m), METHODS[m.method].attribute, m.images[r],
+                              torch.from_numpy(m.target[rows]), self.cfg, self.device, m.seeds[rows], stages)
+            out = out or [torch.empty(len(m.index), *x.shape[1:]) for x in maps]
+            for whole, part in zip(out, maps):
+                whole[r] = part
+        if not last_only:
+            self.cache[key] = out
+        return out
 
 
 @dataclass
@@ -272,18 +327,20 @@ def _layer(ctx: Context, m: Maps) -> str | None:
 
 
 def measure_sanity(ctx: Context, m: Maps):
-    layer = _layer(ctx, m)
-    out = sanity_check(ctx.model, layer, METHODS[m.method].attribute, m.images, torch.from_numpy(m.target),
-                       m.maps, ctx.cfg, ctx.device, m.seeds)
-    return {"sanity_spearman_abs": out["per_map_abs"][:, -1], "sanity_spearman_signed": out["per_map_signed"][:, -1],
-            "_abs": out["per_map_abs"], "_signed": out["per_map_signed"]}
+    """MPRT (the cascading check, mprt.sanity_check) and eMPRT, from one set of randomised maps."""
+    maps = ctx.stage_maps(m)
+    rho = mprt_scores(maps, m.maps)
+    return {"sanity_spearman_abs": rho["abs"][:, -1], "sanity_spearman_signed": rho["signed"][:, -1],
+            "_abs": rho["abs"], "_signed": rho["signed"], "emprt": emprt_scores(maps[0], maps[-1])["emprt"],
+            "_draw": ctx.draws(m)}
 
 
 def summarise_sanity(values, ctx) -> dict[str, Summary]:
     layers = ["none"] + [s for s, _ in randomisation_stages(ctx.model)]
     detail = {"layers": layers, "abs": nanmean(values["_abs"], 0).tolist(),
               "signed": nanmean(values["_signed"], 0).tolist()}
-    return {"sanity_spearman": Summary(detail["abs"][-1], len(values["_abs"]), detail)}
+    return {"sanity_spearman": Summary(detail["abs"][-1], len(values["_abs"]), detail),
+            **mean_summary({"emprt": values["emprt"]}, ctx)}
 
 
 def measure_deletion(ctx: Context, m: Maps):
@@ -317,19 +374,24 @@ def summarise_deletion(values, ctx) -> dict[str, Summary]:
 
 def measure_road(ctx: Context, m: Maps):
     """ROAD (road.py) of each map, of a random map and of the model-blind edge map of the same image
-    and target, all with the map's own seeds (tie order, imputation noise)."""
+    and target, all with the map's own seeds (tie order, imputation noise). The two controls depend
+    on the images, targets and seeds alone: computed once per chunk for every method."""
     x = normalize(m.images.to(ctx.device))
     t = torch.from_numpy(m.target).to(ctx.device)
     seeds = [int(s) + ctx.cfg.trust_seed for s in m.seeds]
     signed = pixel_scores(m.maps, "signed")
-    maps = {"": signed, "_random": torch.rand(signed.shape, generator=torch.Generator().manual_seed(ctx.cfg.trust_seed)),
-            "_edge": edge_control(None, None, x, t, ctx.cfg, None).maps}
+    key = ("road controls", m.index.tobytes(), m.target.tobytes(), m.seeds.tobytes())
+    if key not in ctx.cache:
+        controls = {"_random": torch.rand(signed.shape, generator=torch.Generator().manual_seed(ctx.cfg.trust_seed)),
+                    "_edge": edge_control(None, None, x, t, ctx.cfg, None).maps}
+        ctx.cache[key] = {suffix: road_curves(ctx.model, x, t, scores.to(ctx.device), seeds)
+                          for suffix, scores in controls.items()}
+    curves = {"": road_curves(ctx.model, x, t, signed.to(ctx.device), seeds), **ctx.cache[key]}
     out = {}
-    for suffix, scores in maps.items():
-        curves = road_curves(ctx.model, x, t, scores.to(ctx.device), seeds)
-        out[f"{'_' if suffix else ''}road_combined{suffix}"] = road_combined(curves)
+    for suffix, c in curves.items():
+        out[f"{'_' if suffix else ''}road_combined{suffix}"] = road_combined(c)
         for order in ("morf", "lerf"):
-            out[f"_road_{order}{suffix}"] = curves[order].cpu().numpy()
+            out[f"_road_{order}{suffix}"] = c[order].cpu().numpy()
     out["road_morf"], out["road_lerf"] = out["_road_morf"].mean(1), out["_road_lerf"].mean(1)
     out["road_vs_random"] = out["road_combined"] - out["_road_combined_random"]
     return out
@@ -348,33 +410,63 @@ def summarise_road(values, ctx) -> dict[str, Summary]:
 
 
 def measure_smprt(ctx: Context, m: Maps):
-    rho = smooth_mprt(ctx.model, _layer(ctx, m), METHODS[m.method].attribute, m.images, torch.from_numpy(m.target),
-                      ctx.cfg, ctx.device, m.seeds, randomisation_stages(ctx.model))
-    return {"smprt_spearman": rho}
+    """sMPRT, its noise-free maps taken from MPRT's cascade (its first and last stage) when MPRT
+    measured the same images."""
+    maps = ctx.stage_maps(m, last_only=True)
+    trained, random = maps[0], maps[-1]
+    rho = np.empty(len(m.index))
+    for draw, rows in ctx.by_draw(m):
+        r = torch.from_numpy(rows)
+        rho[rows] = smprt_scores(ctx.model, ctx.randomised(draw), _layer(ctx, m), METHODS[m.method].attribute,
+                                 m.images[r], torch.from_numpy(m.target[rows]), ctx.cfg, ctx.device, m.seeds[rows],
+                                 trained[r], random[r])
+    return {"smprt_spearman": rho, "_draw": ctx.draws(m)}
 
 
-def measure_emprt(ctx: Context, m: Maps):
-    out = efficient_mprt(ctx.model, _layer(ctx, m), METHODS[m.method].attribute, m.images, torch.from_numpy(m.target),
-                         ctx.cfg, ctx.device, m.seeds, randomisation_stages(ctx.model))
-    return {"emprt": out["emprt"]}
+# ------------------------------------------------------------------------------------------------
+# Intervals of the expensive checks' headlines: name -> (estimate, 95% half-width)
+
+def mean_intervals(*names: str) -> Callable[[dict[str, np.ndarray]], dict[str, tuple[float, float]]]:
+    """The mean of each named per-map value over the maps where it is defined, and its half-width;
+    clustered by the random model each image met where the values carry "_draw"."""
+    def intervals(values: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
+        width = (lambda v: clustered_halfwidth(v, values["_draw"])) if "_draw" in values else mean_halfwidth
+        return {name: (float(nanmean(values[name])), width(values[name])) for name in names}
+    return intervals
+
+
+def steps_intervals(values: dict[str, np.ndarray], tol: float, steps: list[int]) -> dict[str, tuple[float, float]]:
+    """The share of maps under --trust-tol at the verdict's step count (the fewest with 95% under it;
+    the most steps tried when none has), with its Wilson half-width."""
+    rel = values["_rel_by_steps"]
+    below = (rel < tol).sum(0)
+    share = below / len(rel)
+    k = next((i for i, f in enumerate(share) if f >= TRUST_FRACTION), len(steps) - 1)
+    return {f"share under tol at {steps[k]} steps": (float(share[k]), wilson_halfwidth(int(below[k]), len(rel)))}
 
 
 @dataclass(frozen=True)
 class Metric:
     measure: Callable[[Context, Maps], dict[str, np.ndarray] | None]
     summarise: Callable[[dict[str, np.ndarray], Context], dict[str, Summary]] = mean_summary
-    expensive: bool = False  # only the maps of the first --trust-n images
+    expensive: bool = False  # adds images until the intervals of stop_on are narrow (trust_run.py)
+    intervals: Callable[[dict[str, np.ndarray], Context], dict[str, tuple[float, float]]] | None = None
+    stop_on: tuple[str, ...] = ()  # the intervals that must be narrow; () for all
 
 
 METRICS = {
     "completeness": Metric(measure_completeness, summarise_completeness),
     "localisation": Metric(measure_localisation, summarise_localisation),
-    "steps_needed": Metric(measure_steps, summarise_steps_needed, expensive=True),
-    "sanity": Metric(measure_sanity, summarise_sanity, expensive=True),
-    "deletion_insertion": Metric(measure_deletion, summarise_deletion, expensive=True),
-    "road": Metric(measure_road, summarise_road, expensive=True),
-    "smprt": Metric(measure_smprt, expensive=True),
-    "emprt": Metric(measure_emprt, expensive=True),
+    "steps_needed": Metric(measure_steps, summarise_steps_needed, expensive=True,
+                           intervals=lambda v, ctx: steps_intervals(v, ctx.cfg.trust_tol, ctx.cfg.trust_step_list)),
+    "sanity": Metric(measure_sanity, summarise_sanity, expensive=True,  # MPRT; eMPRT comes with its maps
+                     intervals=lambda v, ctx: mean_intervals("sanity_spearman_abs", "emprt")(v),
+                     stop_on=("sanity_spearman_abs",)),
+    "deletion_insertion": Metric(measure_deletion, summarise_deletion, expensive=True,
+                                 intervals=lambda v, ctx: mean_intervals("deletion_auc", "insertion_auc")(v)),
+    "road": Metric(measure_road, summarise_road, expensive=True,
+                   intervals=lambda v, ctx: mean_intervals("road_vs_random")(v)),
+    "smprt": Metric(measure_smprt, expensive=True, intervals=lambda v, ctx: mean_intervals("smprt_spearman")(v)),
 }
 
 
@@ -398,9 +490,9 @@ def summarise_agreement(rho: np.ndarray, targets: np.ndarray, class_names, setti
         "ig_setting": settings["ig"], "gradcam_setting": settings["gradcam"], "n_undefined": int(np.isnan(rho).sum())})
 
 
-def edge_control_sanity(model, images, cfg, device) -> Summary:
+def edge_control_sanity(model, images, cfg, device, stages=None) -> Summary:
     """The sanity check of a map that ignores the model (Sobel edges): its line must stay at 1."""
     t = torch.zeros(len(images), dtype=torch.int64)  # any target: the control does not look at it
     edges, _ = attribute_batches(edge_control, model, None, images, t, cfg, device, cfg.batch_size)
-    control = sanity_check(model, None, edge_control, images, t, edges, cfg, device)
+    control = sanity_check(model, None, edge_control, images, t, edges, cfg, device, stages=stages)
     return Summary(control["abs"][-1], len(images), {k: v for k, v in control.items() if not k.startswith("per_map")})

@@ -18,44 +18,77 @@ from model import GRADCAM_LAYERS
 from trust import METRICS, Context, Maps, agreement, edge_control_sanity, summarise_agreement
 
 READ_CHUNK = 1024  # images per read of stored maps: bounds memory for large selections at 224x224
+FIRST_SAMPLE = 32  # images an expensive check takes before it may stop ...
+TRUST_STEP = 16    # ... and the images it adds at a time after that
+DRAW_GROUP = 4     # images that meet one random draw of the model in MPRT, sMPRT and eMPRT
 
 
 def measure_trust(run: RunStore, model, model_name: str, split, idx, work: Work, settings: dict[str, int],
                   class_names, cfg, device) -> list[dict]:
     """Every metric of trust.METRICS per method, stored per map and aggregated; then IG-vs-Grad-CAM
     agreement and the model-free control. Cheap metrics cover every explained map, read back once
-    per chunk of images; expensive ones the maps of the first --trust-n selected images. Returns
-    the stored aggregates of these settings (RunStore.trust)."""
+    per chunk of images. Expensive ones take the selected images in a seeded random order, 32 first
+    and then 16 at a time, each until the 95% intervals of its headlines are at most --trust-halfwidth wide on either
+    side (a fixed-width sequential interval, Chow and Robbins 1965) or --trust-n images are used; one
+    line per check says how many it used and its intervals. The randomisation checks draw a new
+    random model for every DRAW_GROUP images, so that their means average over draws and their
+    intervals (clustered by draw) include how much the draw matters. Returns the stored aggregates of these
+    settings (RunStore.trust)."""
     ctx = Context(model, GRADCAM_LAYERS[model_name], cfg, device, class_names)
     values = {(sid, name): {} for sid in settings.values() for name in METRICS}  # per-map arrays, per chunk
     agree = []
-    for expensive, parts in ((False, np.array_split(idx, max(1, -(-len(idx) // READ_CHUNK)))),
-                             (True, [idx[: cfg.trust_n]])):
-        for part in parts:
-            maps = {m: stored_maps(run, sid, part, work, split, m) for m, sid in settings.items()}
-            for method, sid in settings.items():
-                for name, metric in METRICS.items():
-                    if metric.expensive == expensive:
-                        t0 = time.perf_counter()
-                        measured = _measure(run, metric, ctx, maps[method], values[sid, name])
-                        if expensive and measured:  # minutes on a CPU: a log should not fall silent
-                            print(f"--trust: {name} of {method} on {len(part)} images, "
-                                  f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-            if not expensive and "ig" in maps and "gradcam" in maps:
-                a = agreement(maps["ig"], maps["gradcam"])
-                run.add_map_metric(a["ig_id"], "spearman_gradcam", a["rho"])
-                run.add_map_metric(a["gradcam_id"], "spearman_ig", a["rho"])
-                agree.append(a)
+    for part in np.array_split(idx, max(1, -(-len(idx) // READ_CHUNK))):
+        maps = {m: stored_maps(run, sid, part, work, split, m) for m, sid in settings.items()}
+        for method, sid in settings.items():
+            for name, metric in METRICS.items():
+                if not metric.expensive:
+                    _measure(run, metric, ctx, maps[method], values[sid, name])
+        if "ig" in maps and "gradcam" in maps:
+            a = agreement(maps["ig"], maps["gradcam"])
+            run.add_map_metric(a["ig_id"], "spearman_gradcam", a["rho"])
+            run.add_map_metric(a["gradcam_id"], "spearman_ig", a["rho"])
+            agree.append(a)
+
+    order = np.random.default_rng(cfg.trust_seed).permutation(idx)[: cfg.trust_n]
+    ctx.draw_of = {int(i): k // DRAW_GROUP for k, i in enumerate(order)}  # a new random model every 4 images
+    pending = [(m, name) for m in settings for name, metric in METRICS.items() if metric.expensive]
+    seconds, widths = dict.fromkeys(pending, 0.0), {}
+    ends = [*range(FIRST_SAMPLE, len(order), TRUST_STEP), len(order)]
+    for start, end in zip([0, *ends], ends):
+        part, last = order[start:end], end == len(order)
+        ctx.cache.clear()  # maps shared between checks of this chunk only
+        maps = {m: stored_maps(run, settings[m], part, work, split, m) for m in {m for m, _ in pending}}
+        for method, name in list(pending):
+            t0, metric, found = time.perf_counter(), METRICS[name], values[settings[method], name]
+            if not _measure(run, metric, ctx, maps[method], found):
+                pending.remove((method, name))  # does not apply to this method
+                continue
+            seconds[method, name] += time.perf_counter() - t0
+            widths[method, name] = metric.intervals({k: np.concatenate(v) for k, v in found.items()}, ctx)
+            governing = [widths[method, name][k][1] for k in metric.stop_on or widths[method, name]]
+            if last or max(governing) <= cfg.trust_halfwidth:
+                pending.remove((method, name))
+                print(f"--trust: {name} of {method}: {start + len(part)} images, "
+                      + ", ".join(f"{k} {v:.3f} ± {w:.3f}" for k, (v, w) in widths[method, name].items())
+                      + f" (target ± {cfg.trust_halfwidth:g}{'' if max(governing) <= cfg.trust_halfwidth else ', not reached: --trust-n or the selection ends first'}),"
+                      f" {seconds[method, name]:.0f} s", file=sys.stderr, flush=True)
+        if not pending:
+            break
+
     summaries = {sid: {} for sid in [0, *settings.values()]}  # setting id (0: model-level) -> name -> Summary
+    method_of = {sid: m for m, sid in settings.items()}
     for (sid, name), found in values.items():
         if found:
-            summaries[sid] |= METRICS[name].summarise({k: np.concatenate(v) for k, v in found.items()}, ctx)
+            named = METRICS[name].summarise({k: np.concatenate(v) for k, v in found.items()}, ctx)
+            for summary in named.values() if (method_of[sid], name) in widths else ():
+                summary.detail |= {"intervals": widths[method_of[sid], name], "target_halfwidth": cfg.trust_halfwidth}
+            summaries[sid] |= named
     if agree:
         summaries[0]["agreement_ig_gradcam"] = summarise_agreement(
             np.concatenate([a["rho"] for a in agree]), np.concatenate([a["target"] for a in agree]),
             class_names, settings)
-    summaries[0]["sanity_control_edge"] = edge_control_sanity(model, split.images[torch.from_numpy(idx[: cfg.trust_n])],
-                                                              cfg, device)
+    summaries[0]["sanity_control_edge"] = edge_control_sanity(model, split.images[torch.from_numpy(order[:FIRST_SAMPLE])],
+                                                              cfg, device, ctx.stages(0))
     run.add_trust(summaries)
     return run.trust(settings.values())
 
@@ -85,13 +118,19 @@ def print_trust(rows: list[dict]) -> None:
     per_setting = {}
     for r in rows:
         per_setting.setdefault((r["model"], r["sha256"], r["method"] or "", r["setting_id"] or 0), {})[r["name"]] = r
-    print("trust (n: images of the expensive checks; relΔ = |delta| / |f(x)-f(reference)| of IG and Blur IG, "
+    def pm(m: dict, name: str, key: str) -> str:
+        """' ± half-width' of an expensive check's interval of `key`, or ''."""
+        w = m.get(name, {}).get("detail", {}).get("intervals", {}).get(key)
+        return "" if w is None or w[1] is None else f" ± {w[1]:.3f}"
+
+    print("trust (n: images the MPRT check used, each expensive check adding images until its 95% interval is "
+          "± --trust-halfwidth; relΔ = |delta| / |f(x)-f(reference)| of IG and Blur IG, "
           "|sum - f(x)| / |f(x)| of LRP; "
           "steps95: path steps for 95% under --trust-tol; sanity ρ: Spearman |map| after randomising all layers; "
           "m/rnd: map vs random; black-fill deletion/insertion is confounded on tissue, read ROAD; "
           "maps ranked by their positive part, |map| rows by absolute value)")
     print(f"{'model':9s} {'method':10s} {'n':>5s} {'relΔ med':>8s} {'relΔ p90':>8s} {'steps95':>7s} "
-          f"{'sanity ρ':>8s} {'deletion m/rnd':>14s} {'insertion m/rnd':>15s} {'rel.mass m/rnd':>14s} "
+          f"{'sanity ρ':>14s} {'deletion m/rnd':>14s} {'insertion m/rnd':>15s} {'rel.mass m/rnd':>14s} "
           f"{'pointing m/rnd':>14s}")
     for (model, _, method, sid), m in per_setting.items():
         if not sid:
@@ -102,10 +141,10 @@ def print_trust(rows: list[dict]) -> None:
         rel = f"{d['median']:8.4f} {d['p90']:8.4f}" if d else f"{'-':>8s} {'-':>8s}"
         print(f"{model:9s} {method:10s} {n:5d} {rel} "
               f"{'-' if 'steps_for_tol' not in m else '>max' if np.isnan(steps) else int(steps):>7} "
-              f"{pair(m, 'sanity_spearman'):>8s} {pair(m, 'deletion_auc'):>14s} "
+              f"{pair(m, 'sanity_spearman') + pm(m, 'sanity_spearman', 'sanity_spearman_abs'):>14s} {pair(m, 'deletion_auc'):>14s} "
               f"{pair(m, 'insertion_auc'):>15s} {pair(m, 'relevance_mass'):>14s} {pair(m, 'pointing_game'):>14s}")
         if "deletion_auc_abs" in m:
-            print(f"{'':9s} {'  |map|':10s} {'':5s} {'':8s} {'':8s} {'':7s} {'':8s} {pair(m, 'deletion_auc_abs'):>14s} "
+            print(f"{'':9s} {'  |map|':10s} {'':5s} {'':8s} {'':8s} {'':7s} {'':14s} {pair(m, 'deletion_auc_abs'):>14s} "
                   f"{pair(m, 'insertion_auc_abs'):>15s}")
     for (model, _, method, sid), m in per_setting.items():
         if sid and "road_combined" in m:
@@ -115,9 +154,11 @@ def print_trust(rows: list[dict]) -> None:
                   f"edges {d['edge']:+.3f}): {d['minus_random']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] over "
                   f"random (n={r['n']}; higher: removing the map's top pixels costs the class more than its bottom)")
         if sid and "smprt_spearman" in m:
-            print(f"{model:9s} {method:10s} sMPRT ρ {m['smprt_spearman']['value']:+.3f} (lower: the denoised map changes "
-                  f"when the model is randomised), eMPRT {m.get('emprt', {}).get('value', np.nan):+.3f} (higher: "
-                  f"randomising makes the map more complex), n={m['smprt_spearman']['n']}")
+            e = m.get("emprt", {})
+            print(f"{model:9s} {method:10s} sMPRT ρ {m['smprt_spearman']['value']:+.3f}"
+                  f"{pm(m, 'smprt_spearman', 'smprt_spearman')} (n={m['smprt_spearman']['n']}; lower: the denoised map "
+                  f"changes when the model is randomised), eMPRT {e.get('value', np.nan):+.3f}{pm(m, 'emprt', 'emprt')} "
+                  f"(n={e.get('n', 0)}, MPRT's images; higher: randomising makes the map more complex)")
     for (model, _, _, sid), m in per_setting.items():
         if sid:
             continue

@@ -9,6 +9,7 @@
     python bench/bench.py real               # real-image cross-validation of the training recipes (bench/cv.py)
     python bench/bench.py xai                # the explanation leaderboard on real folds (bench/xai.py)
     python bench/bench.py planted            # explanations against planted marks on real folds (bench/planted.py)
+    python bench/bench.py trust              # explain.py --trust on the first run's models, adaptive vs fixed (bench/firstrun.py)
 
 The data is our synthetic set written as pathmnist.npz (MedMNIST layout, no masks) in a temp folder;
 the seed reads it through medmnist.PathMNIST, ours through data.load_data. Other processes share
@@ -307,7 +308,7 @@ def accuracy(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("mode", nargs="?", default="speed", choices=("speed", "accuracy", "real", "xai", "planted"))
+    p.add_argument("mode", nargs="?", default="speed", choices=("speed", "accuracy", "real", "xai", "planted", "trust"))
     p.add_argument("--quick", action="store_true", help="smoke run: small sizes, one run")
     p.add_argument("--only", default=",".join(SECTIONS),
                    type=lambda v: [k for k in v.split(",") if k], help="speed: the sections to run")
@@ -394,6 +395,10 @@ def main() -> None:
             shown = xai.pick(args.entries) or ["Blur IG × Grad-CAM", "Blur IG (scale-space path)", "LRP, ε-γ-box rules",
                                                "occlusion, Gaussian-blur fill", "Grad-CAM"]
             print(f"wrote {planted.figure(Path(args.real), args.models, Path(args.figure), shown, args.folds)}")
+    elif args.mode == "trust":
+        import firstrun
+        print(f"machine: {machine()}", flush=True)
+        results = firstrun.run(quick=args.quick, tmp=args.tmp)
     else:
         results = accuracy(args)
     if args.json:

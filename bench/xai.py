@@ -35,7 +35,7 @@ from attribution import METHODS, AttributionSettings, pixel_scores
 from cv import carve_val, fit_ours, stratified_folds
 from data import Split, load_data, normalize
 from model import GRADCAM_LAYERS, inference_copy, predict
-from mprt import efficient_mprt, randomisation_stages, randomised, smooth_mprt
+from mprt import cascade, efficient_mprt, randomised, smooth_mprt
 from road import FRACTIONS, bootstrap_interval, road_curves
 from road import combined as road_combined
 from stats import nanmean, spearman
@@ -182,8 +182,8 @@ def _collect(into: dict, c: dict) -> None:
 def _randomisation(rand: dict, entries, net, x_uint8, pred, img_seeds, refs) -> None:
     """MPRT, sMPRT and eMPRT of every entry on a few images; the trained model `net` (BatchNorm not
     folded, so every layer can be re-initialised) against its fully re-initialised copy."""
-    groups = randomisation_stages(net)
-    full = randomised(net, groups, 0)
+    stages = cascade(net, 0)
+    full = randomised(net, stages)
     for e in entries:
         method = METHODS[ENTRIES[e][0]]
         s = settings_for(e, refs)
@@ -192,9 +192,9 @@ def _randomisation(rand: dict, entries, net, x_uint8, pred, img_seeds, refs) -> 
         rand[e]["mprt"].append(np.nan_to_num(spearman(own.abs().numpy(), other.abs().numpy()), nan=0.0))
         if method.attribute is not METHODS["smoothgrad"].attribute:  # SmoothGrad is itself the denoised IG
             rand[e]["smprt"].append(smooth_mprt(net, layer, method.attribute, x_uint8, pred, s, "cpu", img_seeds,
-                                                groups))
+                                                stages))
         rand[e]["emprt"].append(efficient_mprt(net, layer, method.attribute, x_uint8, pred, s, "cpu", img_seeds,
-                                               groups)["emprt"])
+                                               stages)["emprt"])
 
 
 def report(out: dict) -> str:

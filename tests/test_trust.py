@@ -249,3 +249,82 @@ def test_trust_end_to_end(checkpoint, split, net, tmp_path, monkeypatch, capsys)
                 (None, "agreement_ig_gradcam")]:
         assert again[key]["value"] == summary[key]["value"] and again[key]["n"] == summary[key]["n"]
     assert again["ig", "deletion_auc"]["n"] == 4
+
+
+def test_adaptive_checks_stop_where_their_interval_says(net, tmp_path, capsys):
+    """Each expensive check takes the selection in its seeded random order, 32 images and then 16 at a time, and
+    stops at the first sample whose headline's 95% half-width, recomputed here from the stored
+    per-map values in that order (clustered by the random model for the randomisation checks), is
+    within --trust-halfwidth: the sample before it was not."""
+    sizes, target = (10, 10, 160), 0.06
+    path = tmp_path / "run" / "best.pt"
+    path.parent.mkdir()
+    M.save_checkpoint(path, {"model": net.state_dict(),
+                             "config": {"dataset": "synthetic", "size": 28, "data_dir": "data", "model": "lightcnn",
+                                        "seed": 0, "synthetic_sizes": ",".join(map(str, sizes))},
+                             "arch": {"in_channels": 3, "num_classes": 9}})
+    db = tmp_path / "x.db"
+    X.main(["--checkpoint", str(path), "--db", str(db), "--device", "cpu", "--methods", "gradcam", "--no-figures",
+            "--trust", "--trust-n", "160", "--trust-halfwidth", str(target), "--curve-steps", "5", "--smprt-samples", "3"])
+    printed = capsys.readouterr().err
+    order = np.random.default_rng(0).permutation(np.arange(160))  # --trust-seed 0
+    with ExplanationDB(db) as d:
+        summary = {r["name"]: r for r in d.summary_metrics() if r["method"] == "gradcam"}
+        stopped = 0
+        for check, names, group in [("sanity_spearman", ["sanity_spearman_abs"], 4), ("smprt_spearman", ["smprt_spearman"], 4),
+                                    ("road_combined", ["road_vs_random"], 1),
+                                    ("deletion_auc", ["deletion_auc", "insertion_auc"], 1)]:
+            n = summary[check]["n"]
+            assert n % 16 == 0 and 32 <= n <= 160, (check, n)
+            stored = {name: d.sample_metrics(name, method="gradcam") for name in names}
+            in_order = {name: pd_order(s["index"], s["value"], order) for name, s in stored.items()}
+            one = lambda v, k: clustered_by_hand(v[:k], np.arange(k) // group)  # every 4 images met one random model
+            width = lambda k: max(one(v, k) for v in in_order.values())
+            assert all(np.isfinite(v[:n]).any() and np.isnan(v[n:]).all() for v in in_order.values())
+            if n < 160:
+                assert width(n) <= target, (check, n, width(n))
+                stopped += 1
+            if n > 32:
+                assert width(n - 16) > target, (check, n, width(n - 16))
+            for name in names:  # what the summary and the printed line say
+                assert summary[check]["detail"]["intervals"][name][1] == pytest.approx(one(in_order[name], n), rel=1e-5)
+            assert f"{n} images" in printed
+    assert stopped >= 2  # the test says something only if some checks stopped before the cap
+
+
+def clustered_by_hand(v: np.ndarray, cluster: np.ndarray) -> float:
+    """95% half-width of the mean of the finite values, clusters correlated (CR1 sandwich), by loops."""
+    ok = np.isfinite(v)
+    v, cluster = v[ok], cluster[ok]
+    groups = sorted(set(cluster.tolist()))
+    sums = [sum(x - v.mean() for x, c in zip(v, cluster) if c == g) for g in groups]
+    return 1.959964 * np.sqrt(len(groups) / (len(groups) - 1) * sum(x * x for x in sums)) / len(v)
+
+
+def pd_order(index: np.ndarray, value: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Per-map values (NaN: not measured) in the order the checks took the images."""
+    by_index = dict(zip(index.tolist(), value.tolist()))
+    return np.array([by_index.get(i, np.nan) for i in order.tolist()])
+
+
+def test_interval_half_widths_equal_scipys():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    v = np.random.default_rng(0).standard_normal(50) * 0.3 + 0.2
+    lo, hi = scipy_stats.norm.interval(0.95, loc=v.mean(), scale=scipy_stats.sem(v))
+    assert stats.mean_halfwidth(np.r_[v, np.nan]) == pytest.approx((hi - lo) / 2, rel=1e-9)  # NaN: not measured
+    for k, n in [(0, 32), (31, 32), (17, 40), (96, 96)]:
+        ci = scipy_stats.binomtest(k, n).proportion_ci(0.95, method="wilson")
+        assert stats.wilson_halfwidth(k, n) == pytest.approx((ci.high - ci.low) / 2, rel=1e-9)
+    assert stats.mean_halfwidth([0.5]) == np.inf and stats.wilson_halfwidth(0, 0) == np.inf
+
+
+def test_clustered_half_width_counts_correlated_images_once():
+    """One value per cluster: the plain interval. Each value copied into its cluster four times
+    (images that met the same random model and agree): the same interval, not one half as wide."""
+    u = np.random.default_rng(1).standard_normal(12)
+    assert stats.clustered_halfwidth(u, np.arange(12)) == pytest.approx(stats.mean_halfwidth(u), rel=1e-12)
+    assert stats.clustered_halfwidth(np.repeat(u, 4), np.repeat(np.arange(12), 4)) == pytest.approx(
+        stats.mean_halfwidth(u), rel=1e-12)
+    v, c = np.r_[u, np.nan], np.r_[np.arange(12) // 3, 9]
+    assert stats.clustered_halfwidth(v, c) == pytest.approx(clustered_by_hand(v, c), rel=1e-6)
+    assert stats.clustered_halfwidth(u, np.zeros(12)) == np.inf
