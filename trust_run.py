@@ -66,12 +66,14 @@ def measure_trust(run: RunStore, model, model_name: str, split, idx, work: Work,
             seconds[method, name] += time.perf_counter() - t0
             widths[method, name] = metric.intervals({k: np.concatenate(v) for k, v in found.items()}, ctx)
             governing = [widths[method, name][k][1] for k in metric.stop_on or widths[method, name]]
-            if last or max(governing) <= cfg.trust_halfwidth:
+            narrow = max(governing) <= cfg.trust_halfwidth
+            if last or narrow:
                 pending.remove((method, name))
-                print(f"--trust: {name} of {method}: {start + len(part)} images, "
+                why = ("--trust-halfwidth 0: every image up to --trust-n" if not cfg.trust_halfwidth else
+                       f"target ± {cfg.trust_halfwidth:g}" + ("" if narrow else ", not reached: --trust-n or the selection ends first"))
+                print(f"--trust: {name} of {method}: {end} images, "
                       + ", ".join(f"{k} {v:.3f} ± {w:.3f}" for k, (v, w) in widths[method, name].items())
-                      + f" (target ± {cfg.trust_halfwidth:g}{'' if max(governing) <= cfg.trust_halfwidth else ', not reached: --trust-n or the selection ends first'}),"
-                      f" {seconds[method, name]:.0f} s", file=sys.stderr, flush=True)
+                      + f" ({why}), {seconds[method, name]:.0f} s", file=sys.stderr, flush=True)
         if not pending:
             break
 
