@@ -1,21 +1,20 @@
 """Trust metrics: do stored attribution maps reflect the model? (explain.py --trust)
 
     from trust import METRICS, Context, Maps
-    values = METRICS["deletion"].measure(ctx, maps)   # per-map arrays by name, or None: not applicable
-    summary = METRICS["deletion"].summarise(values, ctx)  # name -> Summary(value, n, detail)
+    values = METRICS["deletion_insertion"].measure(ctx, maps)   # per-map arrays by name, or None: not applicable
+    summary = METRICS["deletion_insertion"].summarise(values, ctx)  # name -> Summary(value, n, detail)
 
 Each metric is a `measure` function (ctx, maps) -> {name: per-map array} plus a `summarise`
 (the mean per name unless given). A 1-D array under a plain name is stored per map in the database
 (table sample_metrics); arrays under names starting with "_" (curves, per-stage values) only feed
 the summary. Cheap metrics run over every explained map. `expensive` ones run on a seeded random
-order of the selected images, 32 and then 16 at a time, until the 95% interval of each of their headlines
-(`intervals`, `stop_on`) is at most --trust-halfwidth wide on either side, or --trust-n images are
-used (trust_run.py). Adding a metric is one function plus one line in METRICS.
+order of the selected images, 32 and then 16 at a time, until the 95% interval of each of their
+headlines (`intervals`, `stop_on`) is at most --trust-halfwidth wide on either side, or --trust-n
+images are used (trust_run.py). Adding a metric is one function plus one line in METRICS.
 
 No map is computed twice: MPRT's cascade of randomised models gives eMPRT both of its maps and
-sMPRT its noise-free ones (Context.stage_maps, kept per chunk of images), and ROAD's random-map and
-edge-map controls are computed once per chunk for all methods (they depend on the images, targets
-and seeds alone).
+sMPRT its noise-free ones (Context.stage_maps, per chunk of images); ROAD's random-map and edge-map
+controls, which depend on the images, targets and seeds alone, are computed once per chunk.
 
 Pixel scores from a map: IG-type maps (N,C,H,W) are summed over the colour channels. The sanity
 check compares that signed sum and its absolute value with the model's own maps, as Adebayo et al.
@@ -29,18 +28,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attribution import METHODS, Attribution, attribute_batches, make_baseline, pixel_scores
+from attribution import METHODS, Attribution, attribute_batches, pixel_scores
 from data import normalize
 from groundtruth import localisation_scores
 from mprt import (cascade, draw_seed, emprt_scores, mprt_scores, randomisation_stages, randomised, sanity_check,
                   smprt_scores, stage_maps)
 from stats import clustered_halfwidth, mean_halfwidth, nanmean, spearman, wilson_halfwidth
+from deletion import curve_auc, deletion_insertion
 from road import FRACTIONS, bootstrap_interval, road_curves
 from road import combined as road_combined
 
@@ -126,9 +125,8 @@ class Context:
             return self.cache[key]
         out = []
         for draw, rows in self.by_draw(m):
-            stages = self.stages(draw)
-            if last_only:
-                stages = [("all", {k: v for _, state in stages for k, v in state.items()})]
+            stages = [("all", {k: v for _, s in self.stages(draw) for k, v in s.items()})] if last_only \
+                else self.stages(draw)
             r = torch.from_numpy(rows)
             maps = stage_maps(self.model, _layer(self, m), METHODS[m.method].attribute, m.images[r],
                               torch.from_numpy(m.target[rows]), self.cfg, self.device, m.seeds[rows], stages)
@@ -214,50 +212,6 @@ def summarise_steps(rel: np.ndarray, out: dict) -> dict:
     enough = [s for s, f in zip(out["steps"], out["below_tol"]) if f >= TRUST_FRACTION]
     out["needed"] = enough[0] if enough else np.nan
     return out
-
-
-@torch.no_grad()
-def perturbation_curve(model, start, end, targets, scores, cfg) -> torch.Tensor:
-    """Softmax probability of the target while pixels switch from `start` to `end` in decreasing
-    order of `scores` (ties in a fixed random order), at fractions 0, 1/K, ..., 1: (N, K+1).
-
-    The K+1 images of each of the N are built as one tensor and run in --ig-internal-batch chunks."""
-    n, _, h, w = start.shape
-    k, p = cfg.curve_steps, h * w
-    tiebreak = torch.randperm(p, generator=torch.Generator().manual_seed(cfg.trust_seed)).to(start.device)
-    order = tiebreak[torch.sort(scores.reshape(n, p)[:, tiebreak], dim=1, descending=True, stable=True).indices]
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(p, device=start.device).expand(n, p))
-    count = torch.round(torch.arange(k + 1, device=start.device) * p / k)
-    switched = (rank[:, None, :] < count[None, :, None]).view(n, k + 1, 1, h, w)
-    xs = torch.where(switched, end[:, None], start[:, None]).flatten(0, 1)
-    t = targets.repeat_interleave(k + 1)[:, None]
-    b = cfg.ig_internal_batch
-    probs = [torch.softmax(model(xs[i:i + b]).float(), 1).gather(1, t[i:i + b]) for i in range(0, len(xs), b)]
-    return torch.cat(probs).view(n, k + 1).cpu()
-
-
-def deletion_insertion(model, images, targets, scores, cfg, device) -> dict[str, torch.Tensor]:
-    """Deletion and insertion curves (Petsiuk et al., 2018) in the order of `scores` and in a random
-    order: deletion switches pixels to black, insertion starts from the box-blurred image and
-    switches pixels back to the original. (N, K+1) each. On 28 px tissue the scattered black pixels
-    confound it (a random order scores as low as any map): ROAD (road.py) is the measure to read."""
-    g = torch.Generator().manual_seed(cfg.trust_seed)
-    curves = {key: [] for key in ("deletion", "insertion", "deletion_random", "insertion_random")}
-    for start in range(0, len(images), cfg.batch_size):
-        x = normalize(images[start:start + cfg.batch_size].to(device))
-        t = targets[start:start + cfg.batch_size].to(device)
-        own = scores[start:start + cfg.batch_size].to(device)
-        rand = torch.rand(own.shape, generator=g).to(device)  # the same orders for every method
-        for suffix, order in (("", own), ("_random", rand)):
-            deleted, blurred = make_baseline(x, "black"), make_baseline(x, "blur")
-            curves["deletion" + suffix].append(perturbation_curve(model, x, deleted, t, order, cfg))
-            curves["insertion" + suffix].append(perturbation_curve(model, blurred, x, t, order, cfg))
-    return {key: torch.cat(c) for key, c in curves.items()}
-
-
-def curve_auc(curves: torch.Tensor) -> torch.Tensor:
-    """Area under (N, K+1) curves over the fraction axis [0, 1], trapezoidal rule."""
-    return (curves[:, 1:] + curves[:, :-1]).sum(1).double() / (2 * (curves.shape[1] - 1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -426,19 +380,19 @@ def measure_smprt(ctx: Context, m: Maps):
 # ------------------------------------------------------------------------------------------------
 # Intervals of the expensive checks' headlines: name -> (estimate, 95% half-width)
 
-def mean_intervals(*names: str) -> Callable[[dict[str, np.ndarray]], dict[str, tuple[float, float]]]:
+def mean_intervals(*names: str) -> Callable[[dict[str, np.ndarray], Context], dict[str, tuple[float, float]]]:
     """The mean of each named per-map value over the maps where it is defined, and its half-width;
     clustered by the random model each image met where the values carry "_draw"."""
-    def intervals(values: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
+    def intervals(values: dict[str, np.ndarray], ctx: Context) -> dict[str, tuple[float, float]]:
         width = (lambda v: clustered_halfwidth(v, values["_draw"])) if "_draw" in values else mean_halfwidth
         return {name: (float(nanmean(values[name])), width(values[name])) for name in names}
     return intervals
 
 
-def steps_intervals(values: dict[str, np.ndarray], tol: float, steps: list[int]) -> dict[str, tuple[float, float]]:
+def steps_intervals(values: dict[str, np.ndarray], ctx: Context) -> dict[str, tuple[float, float]]:
     """The share of maps under --trust-tol at the verdict's step count (the fewest with 95% under it;
     the most steps tried when none has), with its Wilson half-width."""
-    rel = values["_rel_by_steps"]
+    rel, tol, steps = values["_rel_by_steps"], ctx.cfg.trust_tol, ctx.cfg.trust_step_list
     below = (rel < tol).sum(0)
     share = below / len(rel)
     k = next((i for i, f in enumerate(share) if f >= TRUST_FRACTION), len(steps) - 1)
@@ -457,16 +411,13 @@ class Metric:
 METRICS = {
     "completeness": Metric(measure_completeness, summarise_completeness),
     "localisation": Metric(measure_localisation, summarise_localisation),
-    "steps_needed": Metric(measure_steps, summarise_steps_needed, expensive=True,
-                           intervals=lambda v, ctx: steps_intervals(v, ctx.cfg.trust_tol, ctx.cfg.trust_step_list)),
-    "sanity": Metric(measure_sanity, summarise_sanity, expensive=True,  # MPRT; eMPRT comes with its maps
-                     intervals=lambda v, ctx: mean_intervals("sanity_spearman_abs", "emprt")(v),
-                     stop_on=("sanity_spearman_abs",)),
-    "deletion_insertion": Metric(measure_deletion, summarise_deletion, expensive=True,
-                                 intervals=lambda v, ctx: mean_intervals("deletion_auc", "insertion_auc")(v)),
-    "road": Metric(measure_road, summarise_road, expensive=True,
-                   intervals=lambda v, ctx: mean_intervals("road_vs_random")(v)),
-    "smprt": Metric(measure_smprt, expensive=True, intervals=lambda v, ctx: mean_intervals("smprt_spearman")(v)),
+    "steps_needed": Metric(measure_steps, summarise_steps_needed, True, steps_intervals),
+    "sanity": Metric(measure_sanity, summarise_sanity, True,  # MPRT; eMPRT comes with its maps
+                     mean_intervals("sanity_spearman_abs", "emprt"), stop_on=("sanity_spearman_abs",)),
+    "deletion_insertion": Metric(measure_deletion, summarise_deletion, True,
+                                 mean_intervals("deletion_auc", "insertion_auc")),
+    "road": Metric(measure_road, summarise_road, True, mean_intervals("road_vs_random")),
+    "smprt": Metric(measure_smprt, mean_summary, True, mean_intervals("smprt_spearman")),
 }
 
 

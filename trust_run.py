@@ -28,12 +28,12 @@ def measure_trust(run: RunStore, model, model_name: str, split, idx, work: Work,
     """Every metric of trust.METRICS per method, stored per map and aggregated; then IG-vs-Grad-CAM
     agreement and the model-free control. Cheap metrics cover every explained map, read back once
     per chunk of images. Expensive ones take the selected images in a seeded random order, 32 first
-    and then 16 at a time, each until the 95% intervals of its headlines are at most --trust-halfwidth wide on either
-    side (a fixed-width sequential interval, Chow and Robbins 1965) or --trust-n images are used; one
-    line per check says how many it used and its intervals. The randomisation checks draw a new
-    random model for every DRAW_GROUP images, so that their means average over draws and their
-    intervals (clustered by draw) include how much the draw matters. Returns the stored aggregates of these
-    settings (RunStore.trust)."""
+    and then 16 at a time, each until the 95% intervals of its headlines are at most
+    --trust-halfwidth wide on either side (a fixed-width sequential interval, Chow and Robbins
+    1965) or --trust-n images are used; one line per check says how many it used and its
+    intervals. The randomisation checks draw a new random model for every DRAW_GROUP images, so
+    that their means average over draws and their intervals (clustered by draw) include how much
+    the draw matters. Returns the stored aggregates of these settings (RunStore.trust)."""
     ctx = Context(model, GRADCAM_LAYERS[model_name], cfg, device, class_names)
     values = {(sid, name): {} for sid in settings.values() for name in METRICS}  # per-map arrays, per chunk
     agree = []
@@ -70,7 +70,8 @@ def measure_trust(run: RunStore, model, model_name: str, split, idx, work: Work,
             if last or narrow:
                 pending.remove((method, name))
                 why = ("--trust-halfwidth 0: every image up to --trust-n" if not cfg.trust_halfwidth else
-                       f"target ± {cfg.trust_halfwidth:g}" + ("" if narrow else ", not reached: --trust-n or the selection ends first"))
+                       f"target ± {cfg.trust_halfwidth:g}"
+                       + ("" if narrow else ", not reached: --trust-n or the selection ends first"))
                 print(f"--trust: {name} of {method}: {end} images, "
                       + ", ".join(f"{k} {v:.3f} ± {w:.3f}" for k, (v, w) in widths[method, name].items())
                       + f" ({why}), {seconds[method, name]:.0f} s", file=sys.stderr, flush=True)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import attribution as A
-import data as D
 import mprt
 import trust
 

@@ -13,6 +13,7 @@ import torch
 
 import attribution as A
 import data as D
+import deletion
 import explain as X
 import model as M
 import mprt
@@ -125,7 +126,7 @@ def test_deletion_of_an_ideal_map_drops_faster_than_a_random_order():
     t = torch.zeros(6, dtype=torch.int64)
     cfg = X.ExplainConfig(curve_steps=20, batch_size=4)
     net = RegionModel()
-    curves = T.deletion_insertion(net, images, t, ideal, cfg, "cpu")
+    curves = deletion.deletion_insertion(net, images, t, ideal, cfg, "cpu")
     assert all(c.shape == (6, 21) for c in curves.values())
     x = D.normalize(images)
     p = lambda z: torch.softmax(net(z), 1)[:, 0]
@@ -134,19 +135,19 @@ def test_deletion_of_an_ideal_map_drops_faster_than_a_random_order():
         torch.testing.assert_close(curves["deletion" + order][:, -1], p(A.make_baseline(x, "black")))
         torch.testing.assert_close(curves["insertion" + order][:, 0], p(A.make_baseline(x, "blur")))
         torch.testing.assert_close(curves["insertion" + order][:, -1], p(x))
-    auc = {k: T.curve_auc(c) for k, c in curves.items()}
+    auc = {k: deletion.curve_auc(c) for k, c in curves.items()}
     # The region is 64 of 784 pixels: the ideal order has removed it after 1/12 of the axis.
     assert (auc["deletion"] < auc["deletion_random"] - 0.2).all(), auc
     assert (auc["insertion"] > auc["insertion_random"] + 0.2).all(), auc
     assert (curves["deletion"][:, 2:] < 0.02).all()
     # Ties (the 720 zeros) fall in a fixed random order: rerunning gives the same curves.
-    again = T.deletion_insertion(net, images, t, ideal, cfg, "cpu")
+    again = deletion.deletion_insertion(net, images, t, ideal, cfg, "cpu")
     assert all(torch.equal(curves[k], again[k]) for k in curves)
 
 
 def test_curve_auc_trapezoid():
     c = torch.tensor([[1.0, 0.5, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
-    np.testing.assert_allclose(T.curve_auc(c).numpy(), [0.5, 1.0, 0.5])
+    np.testing.assert_allclose(deletion.curve_auc(c).numpy(), [0.5, 1.0, 0.5])
 
 
 # ----------------------------------------------------------------------------- completeness
