@@ -72,6 +72,7 @@ class Data:
     source: str                # the file the data came from, or how it was generated
     splits: dict[str, Split]
     name: str = ""             # for figures: "pathmnist_64", "synthetic-seed0", a file's stem
+    stain_norm: dict | None = None  # train.py --stain-norm: the training split's stain reference
 
     @property
     def num_classes(self) -> int:

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
 def write_stain_shift(cfg: EvalConfig, scored, out: Path) -> dict:
     """{split}_stain_shift.json, images/stain_shift.png and images/stain_shift_examples.png."""
     result = stain_shift(scored.model, scored.images, as_label_vector(scored.labels), cfg.batch_size, resolve_device(cfg.device),
-                         cfg.amp, cfg.shift_seed, cfg.tta)
+                         cfg.amp, cfg.shift_seed, cfg.tta, scored.stain)
     print_shift(result)
     path = out / f"{cfg.split}_stain_shift.json"
     path.write_text(json.dumps({"split": cfg.split, "source": scored.source, "config": asdict(cfg), **result}, indent=2) + "\n")

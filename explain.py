@@ -52,9 +52,11 @@ from db_run import RunStore
 from explaining import compute_maps, file_work, one_per_class, select, shard_slice, work_list
 from figures import plot_examples, plot_tiles, plot_trust, tile_row
 from gallery import report_html
-from model import GRADCAM_LAYERS, CheckpointError, gradcam_layer, inference_copy, load_checkpoint, predict
+from model import (GRADCAM_LAYERS, CheckpointError, gradcam_layer, inference_copy, load_checkpoint, predict,
+                   stain_reference)
 from report import write_csv
 from runtime import AMP_CHOICES, amp_dtype, distributed, exit_with_one_line, parse_config, precision_name
+from stainnorm import normalise as normalise_stain
 from tiles import TileError, file_label, find_images, read_tile
 from trust import TrustSettings
 from trust_run import measure_trust, print_trust
@@ -141,6 +143,9 @@ def run(cfg: ExplainConfig, device, rank: int = 0, world: int = 1) -> dict:
     refuse_multi_label(data.task, data.source)
     split = data.splits[cfg.split]
     print(f"explaining {cfg.split} split of {data.source} with {mcfg['model']} ({cfg.checkpoint})")
+    if stain_reference(ckpt):  # the images the model sees: maps, figures and checks are of them
+        split.images = normalise_stain(split.images, stain_reference(ckpt))
+        print(f"stain: the images normalised to the training split's ({stain_reference(ckpt)['kind']})")
 
     # Predictions decide the explained class and the selection (--only-errors); a shard takes its
     # slice of the whole selection, so every shard must see the same predictions.
@@ -279,7 +284,7 @@ def explain_files(cfg: ExplainConfig, model, mcfg: dict, arch: dict, device, ran
                 tiles.append(tile)
             if not tiles:
                 continue
-            x = torch.stack([t.small for t in tiles])
+            x = normalise_stain(torch.stack([t.small for t in tiles]), arch.get("stain_norm"))
             scores = predict(model, x, 128, device, task, cfg.amp)
             pred, conf = scores.argmax(1), scores.max(1)
             new = [i for i, t in enumerate(tiles) if first.setdefault(t.sha256, t.path) == t.path]

@@ -21,6 +21,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from data import MULTI_LABEL, normalize
 from runtime import amp_dtype, autocast
+from stainnorm import normalise as normalise_stain
 
 MODELS = ("lightcnn", "resnet50")
 CHECKPOINT_FORMAT = 1
@@ -162,8 +163,10 @@ def dihedral(x: torch.Tensor) -> list[torch.Tensor]:
 
 @torch.inference_mode()
 def predict(model: nn.Module, images_uint8: torch.Tensor, batch_size: int, device, task: str,
-            amp: str = "off", tta: bool = False) -> np.ndarray:
-    """Class probabilities (softmax; sigmoid for multi-label) for uint8 (N, C, H, W) images.
+            amp: str = "off", tta: bool = False, stain: dict | None = None) -> np.ndarray:
+    """Class probabilities (softmax; sigmoid for multi-label) for uint8 (N, C, H, W) images, in the
+    training split's stain first where the model was trained with --stain-norm (`stain`: its
+    reference, stain_reference(checkpoint); after any change the stain benchmark makes).
 
     Runs an inference_copy of the model (BatchNorm folded, channels_last) under --amp's autocast;
     probabilities are computed in float32 from the logits either way. tta: the mean probability over
@@ -173,7 +176,7 @@ def predict(model: nn.Module, images_uint8: torch.Tensor, batch_size: int, devic
     activation = torch.sigmoid if task == MULTI_LABEL else (lambda z: torch.softmax(z, dim=1))
     probs = []
     for start in range(0, len(images_uint8), batch_size):
-        x = normalize(images_uint8[start:start + batch_size].to(device, non_blocking=True))
+        x = normalize(normalise_stain(images_uint8[start:start + batch_size], stain).to(device, non_blocking=True))
         views = dihedral(x) if tta else [x]
         total = 0
         for view in views:
@@ -236,6 +239,11 @@ def _why_unreadable(path: Path, exc: Exception) -> str:
     if head[:2] == b"PK":
         return "a damaged or truncated zip archive"
     return "neither a zip archive nor a legacy torch file: not a checkpoint at all"
+
+
+def stain_reference(ckpt: dict) -> dict | None:
+    """The stain normalisation a checkpoint was trained with (train.py --stain-norm), or None."""
+    return ckpt.get("arch", {}).get("stain_norm")
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"):

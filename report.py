@@ -20,7 +20,7 @@ import torch
 from data import BINARY, MULTI_LABEL, DataError, data_for_run, load_data, medmnist_info
 from figures import plot_confusion_matrix, plot_roc_curves, plot_samples
 from metrics import as_label_vector, compute_metrics, print_report, top_label, youden_threshold
-from model import load_checkpoint, predict
+from model import load_checkpoint, predict, stain_reference
 from runtime import amp_dtype, precision_name, resolve_device
 from scores import ScoresFileError, read_scores_csv, write_scores_csv
 
@@ -42,6 +42,7 @@ class Scored:
     precision: str = ""  # the model's inference precision; empty for a score file
     model: torch.nn.Module | None = None  # the model that scored them; None for a score file
     threshold: float | None = None  # binary tasks: the operating point chosen on the validation split
+    stain: dict | None = None  # the checkpoint's stain normalisation (train.py --stain-norm), or None
 
 
 def score_checkpoint(checkpoint: str, split: str, batch_size: int, amp: str, device: str,
@@ -49,21 +50,23 @@ def score_checkpoint(checkpoint: str, split: str, batch_size: int, amp: str, dev
     """Rebuild the model from its checkpoint and predict a split of the data it was trained on
     (or of `data_dir`): synthetic data is regenerated from the seed and sizes in the checkpoint."""
     device = resolve_device(device)
-    model, train_cfg, _ = load_checkpoint(checkpoint, device)
+    model, train_cfg, ckpt = load_checkpoint(checkpoint, device)
     data = data_for_run(train_cfg, (split,), data_dir, checkpoint)
     images, labels = data.splits[split].images, data.splits[split].labels.numpy()
-    scores = predict(model, images, batch_size, device, data.task, amp, tta=tta)
+    stain = stain_reference(ckpt)
+    scores = predict(model, images, batch_size, device, data.task, amp, tta=tta, stain=stain)
     threshold = None
     if data.task == BINARY and split != "val":  # an operating point chosen on validation, where there is one
         with contextlib.suppress(DataError):
             val = data_for_run(train_cfg, ("val",), data_dir, checkpoint).splits["val"]
             threshold = youden_threshold(val.labels.numpy(),
-                                         predict(model, val.images, batch_size, device, data.task, amp, tta=tta)[:, -1])
+                                         predict(model, val.images, batch_size, device, data.task, amp, tta=tta,
+                                                 stain=stain)[:, -1])
     return Scored(data.flag, data.size, data.task, data.class_names, labels, scores, images,
                   f"{checkpoint} on {data.source}", default_out=Path(checkpoint).resolve().parent,
                   name=data.name, split=split,
                   precision=f"{precision_name(amp_dtype(amp, device))} (--amp {amp})" + (", 8-fold TTA" if tta else ""),
-                  model=model, threshold=threshold)
+                  model=model, threshold=threshold, stain=stain)
 
 
 def score_file(path: str, split: str, dataset: str, size: int, data_dir: str) -> Scored:

@@ -32,10 +32,12 @@ def summarise(table: dict) -> dict:
 
 
 def stain_shift(model, images: torch.Tensor, labels: np.ndarray, batch_size: int, device, amp: str = "off",
-                seed: int = 0, tta: bool = False) -> dict:
-    """Accuracy of a single-label classifier on `images` under each perturbation and level."""
+                seed: int = 0, tta: bool = False, stain: dict | None = None) -> dict:
+    """Accuracy of a single-label classifier on `images` under each perturbation and level; a
+    model trained with --stain-norm normalises the changed images (`stain`), as it would a scan."""
     def accuracy(x):
-        return float((predict(model, x, batch_size, device, "multi-class", amp, tta=tta).argmax(1) == labels).mean())
+        return float((predict(model, x, batch_size, device, "multi-class", amp, tta=tta, stain=stain).argmax(1)
+                      == labels).mean())
 
     table = shift_table(accuracy, images, seed)
     clean = next(iter(table.values()))[0]

@@ -38,6 +38,8 @@ from model import MODELS, CheckpointError, build_model, count_flops, read_checkp
 from report import score_checkpoint, write_csv, write_report
 from runtime import (AMP_CHOICES, amp_dtype, autocast, distributed, exit_on_interrupt, exit_with_one_line,
                      from_rank0, parse_args, precision_name, set_seed)
+from stainnorm import fit as stain_fit
+from stainnorm import normalise as normalise_stain
 from training import (Recipe, make_ema, make_optimizer, make_scheduler, passes_per_epoch, resume_schedule, seed_epoch,
                       step_schedule, steps_per_epoch, train_one_epoch, validate)
 
@@ -172,6 +174,16 @@ def load_train_val(cfg: TrainConfig, device, world: int, log):
     if len(train) // world < 2:
         raise DataError(f"{data.source}: {len(train)} training images are too few for {world} "
                         f"process(es); use more images or fewer processes")
+    if cfg.stain_norm != "none":  # fitted on the training images; validation is normalised as it is scored
+        if data.n_channels != 3:
+            raise DataError(f"{data.source}: --stain-norm needs RGB (H&E) images, these have {data.n_channels} "
+                            "channel(s); leave it out")
+        try:
+            data.stain_norm = stain_fit(cfg.stain_norm, train.images, cfg.seed)
+        except ValueError as e:
+            raise DataError(f"{data.source}: {e}; train with --stain-norm reinhard or none") from None
+        train.images = normalise_stain(train.images, data.stain_norm)
+        log(f"stain: every image normalised to the training split's ({cfg.stain_norm})")
     train.images, train.labels = train.images.to(device), train.labels.to(device)
     log(f"data: {data.source}: {len(train)} train / {len(val)} val images, {data.num_classes} classes")
     return data, train, val
@@ -195,7 +207,8 @@ def build_training(cfg: TrainConfig, data, device, pretrained: bool, log):
 def data_arch(data) -> dict:
     """What a checkpoint records of its data, so that evaluate.py and explain.py rebuild the model."""
     return {"in_channels": data.n_channels, "num_classes": data.num_classes, "task": data.task,
-            "class_names": data.class_names, "flag": data.flag, "data_source": data.source}
+            "class_names": data.class_names, "flag": data.flag, "data_source": data.source,
+            **({"stain_norm": data.stain_norm} if data.stain_norm else {})}
 
 
 def epoch_row(epoch: int, tr: dict, va: dict, optimizer) -> dict:
@@ -226,6 +239,7 @@ def resume_config(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, dict]
         saved.setdefault("select", "best")  # ... and kept their best validation epoch, without shifts
         saved.setdefault("shift", 0)
         saved.setdefault("epoch_steps", 1)  # ... and made one pass per epoch however small the data
+        saved.setdefault("stain_norm", "none")
         resumed = TrainConfig(**{**saved, **overrides, "resume": cfg.resume, "out": cfg.resume})
         problem = resumed.check()
     except (TypeError, ValueError) as e:

@@ -47,6 +47,7 @@ class Recipe:
     select: str = field(default="last", metadata={"help": "the weights best.pt keeps and the test reads: last: the last epoch's, where the schedule ends, with no early stopping (measured best on real tissue: picking the best of 40 epochs on a 115-image validation split picks its noise); best: the epoch with the best validation --monitor, stopping early after --patience epochs without improvement", "choices": ("last", "best")})
     ema: float = field(default=0.0, metadata={"min": 0, "help": "weight EMA (torch.optim.swa_utils) with this half-life in epochs, so it means the same on 500 images as on 90,000; validation, best.pt and the test use the averaged weights; 0: off"})
     amp: str = field(default="auto", metadata={"help": "mixed precision: fp16 on CUDA, bf16 on CPU; auto: where the hardware has it (CUDA, CPUs with AMX/AVX512-BF16)", "choices": AMP_CHOICES})
+    stain_norm: str = field(default="none", metadata={"help": "normalise every image to the training split's stain before the model sees it (stainnorm.py, fitted on the training images, kept in the checkpoint, applied by evaluate.py and explain.py): Reinhard's colour transfer or Macenko's stain vectors; none: off", "choices": ("none", "reinhard", "macenko")})
     eval_batch_size: int = field(default=128, metadata={"min": 1, "help": "batch for validation and test inference (128 stays in a CPU's cache)"})
 
 
@@ -196,7 +197,7 @@ def make_ema(net, cfg: Recipe, steps_per_epoch: int):
 
 def validate(model, split, data, cfg, device) -> dict:
     """Loss, accuracy and AUC on a held-out split, from the same predict() evaluate.py uses."""
-    scores = predict(model, split.images, cfg.eval_batch_size, device, data.task, cfg.amp)
+    scores = predict(model, split.images, cfg.eval_batch_size, device, data.task, cfg.amp, stain=data.stain_norm)
     if not np.isfinite(scores).all():  # diverged weights: main() stops the run on the NaN loss
         return {"loss": math.nan, "acc": math.nan, "auc": math.nan}
     y = split.labels.numpy()

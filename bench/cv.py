@@ -39,6 +39,8 @@ from model import build_model, predict
 from runtime import amp_dtype, autocast, set_seed
 from robustness import shift_table, summarise
 from stain import CENTRE_LEVEL, perturb
+from stainnorm import fit as stain_fit
+from stainnorm import normalise as normalise_stain
 from training import (Recipe, make_ema, make_optimizer, make_scheduler, passes_per_epoch, seed_epoch, step_schedule,
                       steps_per_epoch, train_one_epoch, validate)
 
@@ -139,19 +141,22 @@ def colour_baseline(train: Split, test: Split) -> np.ndarray:
     return clf.predict_proba(colour_features(test.images))
 
 
-def scores_of(net, test: Split, amp: str, task: str = "multi-class", k: int = 9, val: Split | None = None) -> dict:
+def scores_of(net, test: Split, amp: str, task: str = "multi-class", k: int = 9, val: Split | None = None,
+              stain: dict | None = None) -> dict:
     """Accuracy (plain and with 8-fold TTA), AUC, per-class recall (and for a binary task the
     sensitivity and specificity); accuracy under the calibrated HED change and the mean over every
-    perturbation and level (the ImageNet-C-style summary)."""
-    probs = predict(net, test.images, 256, "cpu", task, amp)
+    perturbation and level (the ImageNet-C-style summary). `stain`: a --stain-norm model's
+    reference, applied to every image after its change, as evaluate.py does."""
+    probs = predict(net, test.images, 256, "cpu", task, amp, stain=stain)
     threshold = None  # binary: the operating point chosen on the validation part, as report.py does
     if task == BINARY and val is not None:
-        threshold = youden_threshold(val.labels.numpy(), predict(net, val.images, 256, "cpu", task, amp)[:, -1])
+        threshold = youden_threshold(val.labels.numpy(), predict(net, val.images, 256, "cpu", task, amp,
+                                                                 stain=stain)[:, -1])
     m = compute_metrics(test.labels.numpy(), probs, task, list(map(str, range(k))), threshold=threshold)
-    shifted_table = shift_table(lambda x: float((predict(net, x, 256, "cpu", task, amp).argmax(1)
+    shifted_table = shift_table(lambda x: float((predict(net, x, 256, "cpu", task, amp, stain=stain).argmax(1)
                                                  == test.labels.numpy()).mean()), test.images)
     shifted = summarise(shifted_table)
-    tta = predict(net, test.images, 256, "cpu", task, amp, tta=True)
+    tta = predict(net, test.images, 256, "cpu", task, amp, tta=True, stain=stain)
     return {"acc": m["acc"], "auc": m["auc"], "recall": [m["per_class"][str(c)]["recall"] for c in range(k)],
             **{key: m[key] for key in ("sensitivity", "specificity") if key in m},
             **({f"{key}_val_threshold": m["operating_point"][key] for key in ("sensitivity", "specificity")}
@@ -161,9 +166,10 @@ def scores_of(net, test: Split, amp: str, task: str = "multi-class", k: int = 9,
             "worst_mean": shifted["worst_mean"], "families": shifted["families"]}
 
 
-def last_epoch_scores(net, test: Split, amp: str, task: str) -> dict:
+def last_epoch_scores(net, test: Split, amp: str, task: str, stain: dict | None = None) -> dict:
     """Accuracy, plain and under the calibrated HED change, of a model (the last epoch's)."""
-    acc = lambda images: float((predict(net, images, 256, "cpu", task, amp).argmax(1) == test.labels.numpy()).mean())
+    acc = lambda images: float((predict(net, images, 256, "cpu", task, amp, stain=stain).argmax(1)
+                                == test.labels.numpy()).mean())
     return {"acc_last": acc(test.images), "hed_centre_last": acc(perturb(test.images, "hed", CENTRE_LEVEL))}
 
 
@@ -192,14 +198,16 @@ def run(real: Path, variants: dict[str, Recipe], k: int = 5, seeds: int | list[i
                         results[name].append({"acc": acc, "auc": compute_metrics(labels[test_idx], probs, data.task,
                                                                                  list(map(str, range(data.num_classes))))["auc"]})
                     else:
+                        ours = fold if name == "seed" else with_stain_norm(fold, variants[name].stain_norm, s)
                         net, last = ((fit_seed(fold, Path(tmp), s, epochs, patience), None) if name == "seed" else
-                                     fit_ours(fold, variants[name], s, patience))
+                                     fit_ours(ours, variants[name], s, patience))
                         amp = "off" if name == "seed" else variants[name].amp
                         results[name].append(scores_of(net, fold.splits["test"], amp, data.task, data.num_classes,
-                                                       fold.splits["val"]))
+                                                       fold.splits["val"], ours.stain_norm))
                         if last is not None:  # the last epoch's weights instead of the selected ones
                             net.load_state_dict(last)
-                            results[name][-1] |= last_epoch_scores(net, fold.splits["test"], amp, data.task)
+                            results[name][-1] |= last_epoch_scores(net, fold.splits["test"], amp, data.task,
+                                                                   ours.stain_norm)
                     seconds[name] += time.perf_counter() - t0
                     r = results[name][-1]
                     print(f"seed {s} fold {f} {name:14s} acc {r['acc']:.3f} auc {r['auc']:.3f}" +
@@ -213,6 +221,16 @@ def run(real: Path, variants: dict[str, Recipe], k: int = 5, seeds: int | list[i
                            else ""), flush=True)
     return {"results": results, "seconds": seconds, "n": len(labels), "k": k,
             "seeds": seeds if isinstance(seeds, int) else len(seeds), "task": task}
+
+
+def with_stain_norm(fold: Data, kind: str, seed: int) -> Data:
+    """The fold with its training images normalised to their own stain (fitted as train.py
+    --stain-norm fits it); validation and test stay as scanned and are normalised as scored."""
+    if kind == "none":
+        return fold
+    reference = stain_fit(kind, fold.splits["train"].images, seed)
+    train = replace(fold.splits["train"], images=normalise_stain(fold.splits["train"].images, reference))
+    return replace(fold, splits={**fold.splits, "train": train}, stain_norm=reference)
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:

@@ -77,3 +77,41 @@ def test_background_is_left_alone_and_none_changes_nothing(real):
         N.fit("macenko", blank)
     with pytest.raises(ValueError, match="one of none, reinhard, macenko"):
         N.fit("vahadane", real.images[:4])
+
+
+def test_train_fits_the_reference_on_its_training_split_and_every_prediction_uses_it(tmp_path, monkeypatch):
+    """train.py --stain-norm: the reference in the checkpoint is the one fitted on the raw training
+    images; evaluate.py's scores and explain.py's predictions are those of the normalised images;
+    the stain benchmark normalises each changed image, as a scan would be."""
+    import explain
+    import model as M
+    import report
+    import robustness
+    import train
+    monkeypatch.chdir(tmp_path)
+    sizes = (200, 40, 40)
+    run = train.main(["--dataset", "synthetic", "--synthetic-sizes", ",".join(map(str, sizes)), "--epochs", "1",
+                      "--epoch-steps", "3", "--batch-size", "32", "--device", "cpu", "--stain-norm", "reinhard",
+                      "--out", str(tmp_path / "run")])
+    model, config, ckpt = M.load_checkpoint(run / "best.pt")
+    data = D.load_data("synthetic", 28, "data", ("train", "test"), seed=0, synthetic_sizes=sizes)
+    reference = N.fit("reinhard", data.splits["train"].images, seed=0)
+    assert M.stain_reference(ckpt) == reference and config["stain_norm"] == "reinhard"
+    test = data.splits["test"]
+    normalised = N.normalise(test.images, reference)
+    assert not torch.equal(normalised, test.images)
+    scored = report.score_checkpoint(str(run / "best.pt"), "test", 64, "off", "cpu")
+    np.testing.assert_allclose(scored.scores, M.predict(model, normalised, 64, "cpu", "multi-class"), atol=1e-6)
+    assert not np.allclose(scored.scores, M.predict(model, test.images, 64, "cpu", "multi-class"), atol=1e-6)
+    shifted = robustness.stain_shift(model, test.images, test.labels.numpy(), 64, "cpu", stain=reference)
+    by_hand = (M.predict(model, N.normalise(S.perturb(test.images, "hed", 3), reference), 64, "cpu",
+                         "multi-class").argmax(1) == test.labels.numpy()).mean()
+    assert shifted["accuracy"]["hed"][3] == pytest.approx(by_hand)
+    out = explain.main(["--checkpoint", str(run / "best.pt"), "--db", str(tmp_path / "x.db"), "--n", "12",
+                        "--methods", "gradcam", "--no-figures", "--device", "cpu"])
+    assert out["summary"]
+    from db import ExplanationDB
+    with ExplanationDB(tmp_path / "x.db") as db:
+        rows = db.maps(method="gradcam")
+    expected = M.predict(model, normalised[:12], 64, "cpu", "multi-class").argmax(1)
+    np.testing.assert_array_equal(rows["predicted"][np.argsort(rows["index"])], expected)
