@@ -20,8 +20,8 @@ two re-stainings of the same tissue: Reinhard 10.6 -> 2.4 (HED scaling), 12.6 ->
 20.1 -> 2.8 (with light changes); Macenko 10.6 -> 6.0, 12.6 -> 13.9 and 20.1 -> 19.0. On 28 px
 images its percentiles of a few hundred tissue pixels undo a stain's scaling, not its shift.
 
-No flag reaches this module yet: normalising must come after the stain benchmark's change (in the
-prediction input, not on the loaded split), or evaluate.py --stain-shift would not see it work.
+model.predict applies it to every image it scores, after any change the stain benchmark makes, so
+evaluate.py --stain-shift measures the normalisation too (docs/robustness.md has its CV numbers).
 """
 from __future__ import annotations
 
