@@ -1,6 +1,8 @@
 """Stain normalisation (stainnorm.py) on the real test-split images: Macenko equal to torchstain's
 numpy normaliser image by image, a reference image kept, two re-stainings of the same tissue
 brought together, a batch equal to its images one by one, background left alone."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -32,7 +34,9 @@ def test_macenko_equals_torchstains_image_by_image(real, tissue):
     compared = 0
     for image, mine in zip(tissue.permute(0, 2, 3, 1).numpy(), ours):
         try:
-            expected, _, _ = theirs.normalize(image, stains=False)
+            with warnings.catch_warnings():  # torchstain's covariance of an image without tissue warns, then fails
+                warnings.simplefilter("ignore", RuntimeWarning)
+                expected, _, _ = theirs.normalize(image, stains=False)
         except np.linalg.LinAlgError:  # too few tissue pixels for torchstain: ours leaves such images alone
             assert np.array_equal(mine, image)
             continue
