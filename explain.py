@@ -143,9 +143,9 @@ def run(cfg: ExplainConfig, device, rank: int = 0, world: int = 1) -> dict:
     refuse_multi_label(data.task, data.source)
     split = data.splits[cfg.split]
     print(f"explaining {cfg.split} split of {data.source} with {mcfg['model']} ({cfg.checkpoint})")
-    if stain_reference(ckpt):  # the images the model sees: maps, figures and checks are of them
-        split.images = normalise_stain(split.images, stain_reference(ckpt))
-        print(f"stain: the images normalised to the training split's ({stain_reference(ckpt)['kind']})")
+    if stain := stain_reference(ckpt):  # the images the model sees: maps, figures and checks are of them
+        split.images = normalise_stain(split.images, stain)
+        print(f"stain: the images normalised to the training split's ({stain['kind']})")
 
     # Predictions decide the explained class and the selection (--only-errors); a shard takes its
     # slice of the whole selection, so every shard must see the same predictions.

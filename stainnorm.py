@@ -42,7 +42,7 @@ def fit(kind: str, images: torch.Tensor, seed: int = 0) -> dict:
     if kind == "reinhard":
         return {"kind": kind, "lab": lab_statistics(pooled.double() / 255)[0].tolist()}
     if kind == "macenko":
-        he, max_c, ok = _macenko(pooled)
+        he, _, max_c, ok = _macenko(pooled)
         if not ok[0]:
             raise ValueError("the training images have too little tissue to fit a Macenko reference")
         return {"kind": kind, "stains": he[0].tolist(), "max_concentration": max_c[0].tolist()}
@@ -60,18 +60,18 @@ def _normalise(x: torch.Tensor, reference: dict) -> torch.Tensor:
     if reference["kind"] == "reinhard":
         target = torch.tensor(reference["lab"], dtype=torch.float64)
         return (reinhard(x.double() / 255, target) * 255).round().to(torch.uint8)
-    od = -torch.log((x.double().flatten(2) + 1) / LIGHT)  # (N, 3, P)
-    he, max_c, ok = _macenko(x)
-    c = torch.linalg.pinv(he) @ od  # least squares: (N, 2, P)
-    c = c / (max_c / torch.tensor(reference["max_concentration"], dtype=torch.float64))[:, :, None]
-    out = LIGHT * torch.exp(-torch.tensor(reference["stains"], dtype=torch.float64) @ c)
+    _, c, max_c, ok = _macenko(x)
+    stains, target_max = (torch.tensor(reference[k], dtype=torch.float64, device=x.device)
+                          for k in ("stains", "max_concentration"))
+    out = LIGHT * torch.exp(-stains @ (c / (max_c / target_max)[:, :, None]))
     out = out.clamp(max=255).floor().to(torch.uint8).view_as(x)  # torchstain truncates to uint8
     return torch.where(ok.view(-1, 1, 1, 1), out, x)
 
 
-def _macenko(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per image: stain vectors (N, 3, 2), H first; the 99th percentile concentration of each (N, 2);
-    whether it has enough tissue pixels (N,)."""
+def _macenko(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image: stain vectors (N, 3, 2), H first; every pixel's concentrations (N, 2, P), least
+    squares; the 99th percentile concentration of each stain (N, 2); whether it has enough tissue
+    pixels (N,)."""
     od = -torch.log((x.double().flatten(2) + 1) / LIGHT)
     tissue = (od >= BETA).all(1)  # (N, P)
     n = tissue.sum(1)
@@ -80,7 +80,7 @@ def _macenko(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     mean = (od * w).sum(2, keepdim=True) / n.clamp(min=1)[:, None, None]
     centred = (od - mean) * w
     cov = centred @ centred.transpose(1, 2) / (n - 1).clamp(min=1)[:, None, None]
-    cov = torch.where(ok[:, None, None], cov, torch.eye(3, dtype=cov.dtype))
+    cov = torch.where(ok[:, None, None], cov, torch.eye(3, dtype=cov.dtype, device=x.device))
     plane = torch.linalg.eigh(cov).eigenvectors[:, :, 1:3]  # the two largest, eigenvalues ascending
     t = plane.transpose(1, 2) @ od
     phi = torch.where(tissue, torch.atan2(t[:, 1], t[:, 0]), torch.nan)
@@ -89,6 +89,6 @@ def _macenko(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     v_min, v_max = ((plane @ torch.stack([a.cos(), a.sin()], 1)[:, :, None])[:, :, 0] for a in ends)
     h_first = (v_min[:, 0] > v_max[:, 0])[:, None]
     he = torch.stack([torch.where(h_first, v_min, v_max), torch.where(h_first, v_max, v_min)], 2)
-    he = torch.where(ok[:, None, None], he, torch.eye(3, 2, dtype=he.dtype))
+    he = torch.where(ok[:, None, None], he, torch.eye(3, 2, dtype=he.dtype, device=x.device))
     c = torch.linalg.pinv(he) @ od
-    return he, torch.quantile(c, 0.99, dim=2), ok
+    return he, c, torch.quantile(c, 0.99, dim=2), ok
