@@ -11,6 +11,7 @@ split, or image files), so every call below is already filtered to it.
         run.put(settings["ig"], sample_ids=..., targets=..., ..., maps=maps)
         rows = run.maps(settings["ig"], indices=[3, 14])                     # read back, as db.maps
         run.add_trust({settings["ig"]: {"deletion_auc": summary}, 0: {...}}) # 0: model-level rows
+        run.add_audit(settings["ig"], params, strategies, members)           # explain.py --audit
 """
 from __future__ import annotations
 
@@ -87,6 +88,16 @@ class RunStore:
                 self.db.add_summary_metric(model_id=self.model_id, setting_id=setting_id or None,
                                            dataset=self.dataset, size=self.size, split=self.split, name=name,
                                            value=s.value, n=s.n, detail=s.detail)
+
+    def add_audit(self, setting_id: int, params: dict, strategies: list[dict], members: dict) -> int:
+        """Store a shortcut audit of this run's maps of one setting (ExplanationDB.add_audit)."""
+        return self.db.add_audit(model_id=self.model_id, setting_id=setting_id, dataset=self.dataset, size=self.size,
+                                 split=self.split, params=params, strategies=strategies, members=members)
+
+    def audit(self, setting_id: int) -> dict | None:
+        """The stored shortcut audit of this run's maps of one setting, or None."""
+        return self.db.audit(model_id=self.model_id, setting_id=setting_id, dataset=self.dataset, size=self.size,
+                             split=self.split)
 
     def trust(self, setting_ids) -> list[dict]:
         """The stored aggregated metrics of these settings (and the model-level ones) on this run's data."""

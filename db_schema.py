@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 APPLICATION_ID = 0x58504C4E  # "XPLN" in the file header: tells our files from other SQLite files
 
 NOW = "(strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
@@ -73,6 +73,35 @@ MIGRATIONS = [
         sample_id INTEGER PRIMARY KEY REFERENCES samples(id), sha256 TEXT NOT NULL, path TEXT NOT NULL,
         width INTEGER NOT NULL, height INTEGER NOT NULL, seen_at TEXT DEFAULT {NOW});
     CREATE INDEX files_sha256 ON files(sha256);
+    """,
+    # 4: the shortcut audit (explain.py --audit, audit.py). One audit per (model, setting, data): its
+    # strategies (per class, rank 1 the most suspicious) and each audited map's strategy with its
+    # own causal test. A new audit of the same maps replaces the old; a rewritten map drops the
+    # audit it took part in, so a stored audit always describes the stored maps.
+    f"""
+    CREATE TABLE audits(
+        id INTEGER PRIMARY KEY, model_id INTEGER NOT NULL REFERENCES models(id),
+        setting_id INTEGER NOT NULL REFERENCES settings(id),
+        dataset TEXT NOT NULL, size INTEGER NOT NULL, split TEXT NOT NULL,
+        n_maps INTEGER NOT NULL, params_json TEXT NOT NULL, created_at TEXT DEFAULT {NOW},
+        UNIQUE(model_id, setting_id, dataset, size, split));
+    CREATE TABLE strategies(
+        id INTEGER PRIMARY KEY, audit_id INTEGER NOT NULL REFERENCES audits(id) ON DELETE CASCADE,
+        class INTEGER NOT NULL, rank INTEGER NOT NULL CHECK (rank >= 1), n INTEGER NOT NULL,
+        suspicion REAL NOT NULL, flip REAL NOT NULL, control_flip REAL NOT NULL, atypical REAL NOT NULL,
+        area REAL NOT NULL, concentration REAL NOT NULL, prob_drop REAL NOT NULL, exemplars_json TEXT NOT NULL,
+        UNIQUE(audit_id, class, rank));
+    CREATE TABLE strategy_members(
+        attribution_id INTEGER PRIMARY KEY REFERENCES attributions(id) ON DELETE CASCADE,
+        strategy_id INTEGER NOT NULL REFERENCES strategies(id) ON DELETE CASCADE,
+        flip INTEGER NOT NULL, control_flip INTEGER NOT NULL, atypical INTEGER NOT NULL,
+        area REAL NOT NULL, concentration REAL NOT NULL);
+    CREATE INDEX strategy_members_strategy ON strategy_members(strategy_id);
+    CREATE TRIGGER attributions_rewritten_audit AFTER UPDATE ON attributions
+    WHEN OLD.map IS NOT NEW.map BEGIN
+        DELETE FROM audits WHERE id IN (SELECT s.audit_id FROM strategy_members m
+            JOIN strategies s ON s.id = m.strategy_id WHERE m.attribution_id = NEW.id);
+    END;
     """,
 ]
 FILE_SPLIT = "file"  # samples of image files: dataset "sha256:<hex>", this split, index 0

@@ -7,6 +7,7 @@ occlusion, LRP and the Grad-CAM family on request), stored in SQLite.
     python explain.py --checkpoint RUN/best.pt --n 200 --only-errors     # the first 200 mistakes
     python explain.py --checkpoint RUN/best.pt --methods smoothgrad --indices 3,14,15
     python explain.py --checkpoint RUN/best.pt --trust --trust-n 256    # ... and can the maps be trusted?
+    python explain.py --checkpoint RUN/best.pt --audit --report r.html   # ... does the model use shortcuts?
     python explain.py --checkpoint RUN/best.pt --shard 2/4               # this process: the 2nd of 4 slices
     python explain.py --db all.db --merge-from shard1.db,shard2.db       # copy shard files into one
     python explain.py --checkpoint RUN/best.pt --report report.html      # ... then one HTML page of it all
@@ -22,6 +23,11 @@ database into images/ next to the checkpoint.
 processes or machines share the work, writing one database (concurrent writers are safe) or one file
 each, joined with --merge-from. Figures and --trust need the whole selection: run once more without
 --shard, which finds every map stored and only draws and measures.
+
+--audit groups each predicted class's stored maps into strategies by what they point at and tests
+each strategy for a shortcut: does filling its maps' hot spots change the predictions (and the same
+shape elsewhere not), and do the hot spots hold something unlike the tissue (audit.py)? Stored in
+the database, printed, and a section of --report with example images per strategy.
 
 --images explains image files instead of a split (tiles.py: MedMNIST's resize), stores them keyed
 by content hash, prints and writes predictions.csv and draws each at its own resolution.
@@ -46,6 +52,8 @@ import numpy as np
 import torch
 
 from attribution import METHODS, AttributionSettings, draw_references
+from audit import FEATURES
+from audit_run import print_audit, run_audit
 from data import BINARY, TUMOR_CLASS, DataError, data_for_run, file_digest
 from db import FILE_SPLIT, UNKNOWN_LABEL, DatabaseError, ExplanationDB, StoreError, check_sources
 from db_run import RunStore
@@ -83,6 +91,8 @@ class ExplainConfig(AttributionSettings, TrustSettings):
     labels_from_names: bool = field(default=False, metadata={"help": "with --images: a file's true class is the PathMNIST code in its name (ADI, BACK, DEB, LYM, MUC, MUS, NORM, STR, TUM: TUM-TCGA-AAHIDTWA.jpg is 8)"})
     files_out: str = field(default="", metadata={"help": "with --images: folder for predictions.csv and one figure per file (default: files/ next to the checkpoint)"})
     figure_grid: str = field(default="", metadata={"help": "with --images: draw one grid of every file into this PNG instead of one figure per file"})
+    audit: bool = field(default=False, metadata={"help": "then audit the selection's stored maps for shortcuts: group each predicted class's maps into strategies by what they point at, and test each by filling its maps' hot spots (audit.py); stored, printed, and a section of --report"})
+    audit_features: str = field(default="evidence", metadata={"help": "--audit groups maps by: evidence (the model's features where the map points, wherever that is) or spray (the downsampled maps, SpRAy's)", "choices": FEATURES})
     report: str = field(default="", metadata={"help": "then write a self-contained HTML report of the selection's stored maps to this file: trust metrics and figures, a gallery with filters and sorting"})
     merge_from: str = field(default="", metadata={"help": "comma-separated databases (e.g. shard files) to copy into --db, then stop; nothing is explained"})
 
@@ -97,9 +107,9 @@ class ExplainConfig(AttributionSettings, TrustSettings):
         if self.images and "expected_gradients" in self.method_list:
             return ("expected_gradients draws its reference images from a split; with --images choose other "
                     "--methods")
-        if self.images and (self.trust or self.report or self.shard or self.indices or self.classes or self.only_errors
+        if self.images and (self.trust or self.audit or self.report or self.shard or self.indices or self.classes or self.only_errors
                             or self.n):
-            return ("--images explains every file given; --trust, --report, --shard, --indices, --classes, "
+            return ("--images explains every file given; --trust, --audit, --report, --shard, --indices, --classes, "
                     "--only-errors and --n are for splits")
         return TrustSettings.check(self)
 
@@ -156,8 +166,9 @@ def run(cfg: ExplainConfig, device, rank: int = 0, world: int = 1) -> dict:
     if not whole:
         n_selected, idx = len(idx), shard_slice(idx, *cfg.shard_kn)
         print(f"shard {cfg.shard}: {len(idx)} of {n_selected} selected images")
-        if cfg.figures or cfg.trust:
-            print(f"shard {cfg.shard}: {' and '.join(['figures'] * cfg.figures + ['--trust'] * cfg.trust)} "
+        if cfg.figures or cfg.trust or cfg.audit:
+            skipped = ["figures"] * cfg.figures + ["--trust"] * cfg.trust + ["--audit"] * cfg.audit
+            print(f"shard {cfg.shard}: {', '.join(skipped)} "
                   "skipped, they need the whole selection: once every shard is done, run explain.py again "
                   "without --shard (it finds every map stored and only draws and measures)")
 
@@ -191,8 +202,15 @@ def run(cfg: ExplainConfig, device, rank: int = 0, world: int = 1) -> dict:
         if whole and cfg.trust and len(idx):
             trust = measure_trust(store, model, mcfg["model"], split, idx, work, settings, data.class_names,
                                   cfg, device)
+        # Which strategies does the model use per class, and which look like shortcuts? (audit.py)
+        audits = {}
+        if whole and cfg.audit and len(idx):
+            audits = run_audit(store, fast, layer, split.images, idx, settings, cfg.audit_features, data.key,
+                               cfg.split)
         summary = db.summary()
     print_summary(summary)
+    if audits:
+        print_audit(audits, data.class_names)
     if trust:
         print_trust(trust)
         if cfg.figures:
@@ -200,7 +218,7 @@ def run(cfg: ExplainConfig, device, rank: int = 0, world: int = 1) -> dict:
                 print(f"wrote {path}")
     if whole and cfg.report:
         write_report(cfg, store, split, data.class_names, f"{title}: {run_name(cfg.checkpoint)}")
-    return {"config": asdict(cfg), "summary": summary, "trust": trust}
+    return {"config": asdict(cfg), "summary": summary, "trust": trust, "audits": audits}
 
 
 def method_params(cfg: ExplainConfig, model_name: str, device) -> dict[str, dict]:

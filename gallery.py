@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from attribution import METHODS
+from audit import ALARM
 
 ZOOM = 3  # on-screen pixels per image pixel at 28 px (pixelated, so the tissue's texture stays visible)
 
@@ -152,6 +153,16 @@ def report_html(db, model_id: int, dataset: str, size: int, split: str, images: 
             for a, value in zip(v["attribution_id"].tolist(), v["value"].tolist()):
                 if a in ids and np.isfinite(value):
                     cards[ids[a]]["m"][method][name] = float(f"{value:.4g}")  # 4 significant digits: the sign of a small value stays
+    audits = {}  # method label -> the stored shortcut audit of its maps (explain.py --audit)
+    for sid, m in found:
+        a = db.audit(model_id=model_id, setting_id=sid, dataset=dataset, size=size, split=split)
+        if a:
+            audits[label[sid]] = a
+            r = settings[label[sid]]
+            ids = dict(zip(r["attribution_id"].tolist(), zip(r["index"].tolist(), r["target"].tolist())))
+            for aid, strategy in zip(a["members"]["attribution_id"].tolist(), a["members"]["strategy_id"].tolist()):
+                if aid in ids:
+                    cards[ids[aid]]["m"][label[sid]]["s"] = strategy
     order = sorted(cards)  # the atlas position of each card: by image index, then target
     rgb = images.permute(0, 2, 3, 1).numpy()
     rgb = np.repeat(rgb, 3, -1) if rgb.shape[-1] == 1 else rgb
@@ -174,7 +185,9 @@ def report_html(db, model_id: int, dataset: str, size: int, split: str, images: 
     names = {n.split(":", 1)[1] for n in metric_names}
     payload = {"classes": class_names, "size": size, "zoom": ZOOM if size <= 64 else 1, "columns": columns,
                "methods": list(settings), "metrics": metric_names, "cards": [cards[k] for k in order],
-               "labels": {n: metric_text(n) for n in names}}
+               "labels": {n: metric_text(n) for n in names},
+               "strategies": audit_payload(audits, settings, {k: pos for pos, k in enumerate(order)}),
+               "alarm": ALARM}
     figs = "".join(f'<figure><img alt="{html.escape(p.stem)}" src="{data_uri(Image.open(p).convert("RGB"), "PNG")}">'
                    f"<figcaption>{html.escape(FIGURE_TEXT.get(p.stem, p.name))}</figcaption></figure>"
                    for p in figures if Path(p).exists())
@@ -184,6 +197,26 @@ def report_html(db, model_id: int, dataset: str, size: int, split: str, images: 
             .replace("{{figures}}", figs or "<p>No trust figures: run explain.py with --trust.</p>")
             .replace("{{sheets}}", json.dumps(sheets))
             .replace("{{data}}", json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")))
+
+
+def audit_payload(audits: dict[str, dict], settings: dict[str, dict], position: dict) -> list[dict]:
+    """The stored audits' strategies for the page: per strategy its numbers, its verdict and its
+    exemplars as atlas positions of their cards, classes with the most suspicious strategy first."""
+    out = []
+    for method, a in audits.items():
+        r = settings[method]
+        key = dict(zip(r["attribution_id"].tolist(), zip(r["index"].tolist(), r["target"].tolist())))
+        worst = {}
+        for s in a["strategies"]:
+            worst[s["class"]] = max(worst.get(s["class"], 0.0), s["suspicion"])
+        for s in sorted(a["strategies"], key=lambda s: (-worst[s["class"]], s["class"], s["rank"])):
+            out.append({"id": s["id"], "method": method, "cls": s["class"], "rank": s["rank"], "n": s["n"],
+                        "suspicion": round(s["suspicion"], 3), "flip": round(s["flip"], 3),
+                        "control": round(s["control_flip"], 3), "atypical": round(s["atypical"], 3),
+                        "area": round(s["area"], 4), "concentration": round(s["concentration"], 3),
+                        "drop": round(s["prob_drop"], 3),
+                        "exemplars": [position[key[e]] for e in s["exemplars"] if e in key]})
+    return out
 
 
 FIGURE_TEXT = {

@@ -506,8 +506,9 @@ def test_version_1_file_upgrades_in_place(tmp_path):
         np.testing.assert_array_equal(rows["maps"], np.arange(4, dtype=np.float32).reshape(1, 2, 2))
         d.add_sample_metrics(rows["attribution_id"], "deletion_auc", [0.3])
         assert d.sample_metrics("deletion_auc")["value"].tolist() == [0.3]
-    assert raw_sql(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)] and SCHEMA_VERSION == 3
-    assert {"sample_metrics", "summary_metrics", "files"} <= {t for (t,) in raw_sql(path, tables)}
+    assert raw_sql(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)] and SCHEMA_VERSION == 4
+    assert {"sample_metrics", "summary_metrics", "files", "audits", "strategies", "strategy_members"} <= {
+        t for (t,) in raw_sql(path, tables)}
     assert raw_sql(path, "SELECT map FROM attributions") == [(blob,)]  # the map is untouched
 
 
@@ -608,3 +609,77 @@ def test_switching_to_wal_retries_while_another_process_opens_the_new_file(tmp_p
     refusals.clear()
     with pytest.raises(DB.DatabaseError, match="locked by another process"):  # past the timeout: the one-line error
         DB.ExplanationDB(tmp_path / "other.db", timeout=0.0)
+
+
+def audit_rows(ids: np.ndarray, classes: np.ndarray, seed: int = 0):
+    """An audit of maps `ids`: two strategies per class, members split by position; numpy references."""
+    rng = np.random.default_rng(seed)
+    strategies, where = [], np.zeros(len(ids), np.int64)
+    for c in np.unique(classes):
+        mine = np.flatnonzero(classes == c)
+        for rank, part in enumerate(np.array_split(mine, 2), 1):
+            where[part] = len(strategies)
+            strategies.append({"class": int(c), "rank": rank, "n": len(part), "suspicion": float(rng.random()),
+                               "flip": 0.5, "control_flip": 0.1, "atypical": 0.25, "area": 0.03,
+                               "concentration": 0.6, "prob_drop": 0.4, "exemplars": ids[part][:3]})
+    members = {"attribution_id": ids, "strategy": where, "flip": rng.integers(0, 2, len(ids)),
+               "control_flip": np.zeros(len(ids)), "atypical": rng.integers(0, 2, len(ids)),
+               "area": rng.random(len(ids)), "concentration": rng.random(len(ids))}
+    return strategies, members
+
+
+def test_an_audit_round_trips_and_a_new_one_replaces_it(populated):
+    db, ref = populated
+    ig = db.maps(method="ig")
+    key = dict(model_id=int(ig["model_id"][0]), setting_id=int(ig["setting_id"][0]), dataset="synthetic-seed0",
+               size=8, split="test")
+    assert db.audit(**key) is None
+    strategies, members = audit_rows(ig["attribution_id"], ig["predicted"])
+    db.add_audit(**key, params={"features": "evidence"}, strategies=strategies, members=members)
+    got = db.audit(**key)
+    assert got["n_maps"] == 40 and got["params"] == {"features": "evidence"}
+    want = sorted(strategies, key=lambda s: (s["class"], s["rank"]))
+    for g, w in zip(got["strategies"], want, strict=True):
+        assert {k: g[k] for k in w if k != "exemplars"} == {k: v for k, v in w.items() if k != "exemplars"}
+        assert g["exemplars"] == w["exemplars"].tolist()
+    order = np.argsort(ig["attribution_id"])
+    m = got["members"]
+    np.testing.assert_array_equal(m["attribution_id"], ig["attribution_id"][order])
+    np.testing.assert_array_equal(m["index"], ig["index"][order])  # joined back to the samples
+    np.testing.assert_array_equal(m["predicted"], ig["predicted"][order])
+    for c in ("flip", "atypical", "area", "concentration"):
+        np.testing.assert_allclose(m[c], np.asarray(members[c], float)[order])
+    by_id = {s["id"]: (s["class"], s["rank"]) for s in got["strategies"]}
+    assert [by_id[s] for s in m["strategy_id"]] == [(strategies[w]["class"], strategies[w]["rank"])
+                                                     for w in members["strategy"][order]]
+    # Auditing again (another selection of the same maps) replaces the audit: no rows left behind.
+    strategies2, members2 = audit_rows(ig["attribution_id"][:10], ig["predicted"][:10], seed=1)
+    db.add_audit(**key, params={"features": "spray"}, strategies=strategies2, members=members2)
+    assert db.audit(**key)["n_maps"] == 10
+    assert count(db.path, "audits") == 1 and count(db.path, "strategies") == len(strategies2)
+    assert count(db.path, "strategy_members") == 10
+
+
+def test_a_bad_audit_stores_nothing_and_a_rewritten_map_drops_its_audit(populated):
+    db, ref = populated
+    ig = db.maps(method="ig")
+    m, s = int(ig["model_id"][0]), int(ig["setting_id"][0])
+    key = dict(model_id=m, setting_id=s, dataset="synthetic-seed0", size=8, split="test")
+    strategies, members = audit_rows(ig["attribution_id"], ig["predicted"])
+    with pytest.raises(ValueError, match="not one of the strategies"):
+        db.add_audit(**key, params={}, strategies=strategies[:1], members=members)
+    bad = {**members, "attribution_id": members["attribution_id"] + 10_000}
+    with pytest.raises(ValueError, match="unknown model, setting or attribution"):
+        db.add_audit(**key, params={}, strategies=strategies, members=bad)
+    assert count(db.path, "audits") == count(db.path, "strategies") == 0  # all or nothing
+    db.add_audit(**key, params={}, strategies=strategies, members=members)
+    first = slice(0, 1)
+    sid = db.add_samples(dataset="synthetic-seed0", size=8, split="test", indices=ig["index"][first],
+                         labels=ig["label"][first])
+    same = dict(model_id=m, setting_id=s, sample_ids=sid, targets=ig["target"][first],
+                predicted=ig["predicted"][first], confidence=ig["confidence"][first], deltas=ig["delta"][first])
+    db.add_attributions(**same, maps=ig["maps"][first])  # the same map: the audit stays
+    assert db.audit(**key) is not None
+    db.add_attributions(**same, maps=ig["maps"][first] + 1)  # another map: the audit no longer describes the maps
+    assert db.audit(**key) is None
+    assert count(db.path, "strategies") == count(db.path, "strategy_members") == 0

@@ -12,6 +12,7 @@ from PIL import Image
 
 import data as D
 import explain as X
+from audit import ALARM
 import model as M
 from db import ExplanationDB
 
@@ -38,7 +39,7 @@ def report(tmp_path_factory, lightcnn_with_fitted_head):
     common = ["--checkpoint", str(ckpt), "--db", str(db), "--device", "cpu", "--methods", "ig,gradcam", "--ig-steps", "8",
               "--no-figures"]
     X.main([*common, "--n", "60", "--trust", "--trust-n", "60", "--trust-halfwidth", "0"])  # per-map metrics for all 60
-    X.main([*common, "--report", str(page)])  # all 2,000, the first 60 already stored
+    X.main([*common, "--audit", "--report", str(page)])  # all 2,000, the first 60 already stored; audited
     return db, page
 
 
@@ -100,6 +101,34 @@ def test_sorting_by_a_metric_puts_its_extreme_first(report):
     with ExplanationDB(db) as d:
         worst = d.top_errors(k=1, method="gradcam", split="test")
     assert int(re.search(r'class="card( wrong)?".*?image (\d+): true', dom, re.S)[2]) == int(worst["index"][0])
+
+
+def stored_audits(db: Path) -> list[dict]:
+    with ExplanationDB(db) as d:
+        return [a for sid in (1, 2) if (a := d.audit(model_id=1, setting_id=sid, dataset=d.maps(limit=1)["dataset"][0],
+                                                      size=28, split="test"))]
+
+
+def test_the_audit_section_shows_every_stored_strategy_the_most_suspicious_class_first(report):
+    db, page = report
+    audits = stored_audits(db)
+    strategies = [s for a in audits for s in a["strategies"]]
+    assert len(audits) == 2 and sum(a["n_maps"] for a in audits) == 4000  # both methods, every map
+    dom, log = browse(page)
+    assert 'data-errors=""' in dom, log[-2000:]
+    boxes = re.findall(r'<div class="strategy( alarm| look)?" data-strategy="(\d+)" data-suspicion="([\d.e-]+)"', dom)
+    assert sorted(int(b[1]) for b in boxes) == sorted(s["id"] for s in strategies)
+    assert float(boxes[0][2]) == pytest.approx(max(s["suspicion"] for s in strategies), abs=1e-3)
+    for kind, sid, value in boxes:  # each verdict is the one its suspicion earns
+        assert (kind == " alarm") == (float(value) >= ALARM)
+
+
+def test_a_strategy_link_shows_exactly_its_images(report):
+    db, page = report
+    a = stored_audits(db)[0]
+    s = max(a["strategies"], key=lambda s: s["n"])
+    dom, _ = browse(page, f"#strategy={s['id']}")
+    assert shown(dom) == s["n"] == int((a["members"]["strategy_id"] == s["id"]).sum()) > 0
 
 
 def test_screenshot_is_written(report, tmp_path):

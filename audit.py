@@ -1,0 +1,380 @@
+"""The shortcut audit (explain.py --audit): over every stored map of a selection, the strategies a
+model uses for each class it predicts, and the evidence that each of them is a shortcut.
+
+    from audit import audit_maps
+    found = audit_maps(model, layer, images_uint8, maps, predicted, seeds)
+    found.strategies        # per class, most suspicious first: Strategy(members, flip, control_flip, ...)
+    found.member_of         # (N,) the strategy of each map (-1: not audited)
+
+Spectral relevance analysis (SpRAy; Lapuschkin et al., "Unmasking Clever Hans predictors", Nature
+Communications 2019) groups the maps of each predicted class by spectral clustering so that a person
+can spot the Clever Hans group. SpRAy compares maps pixel by pixel, which finds a watermark that is
+always in the same corner; a pen mark can be anywhere on a slide. So each map is described here by
+*what* it points at: the model's own features at its Grad-CAM layer, averaged with the map's positive
+part as weights ("evidence"); SpRAy's downsampled maps ("spray") are kept for comparison, and
+bench/bench.py audit measures both on planted marks.
+
+Each map's **hot spot** is the connected region round its peak where the (lightly smoothed) positive
+relevance is at least HOT times the peak. Per map:
+- causal test: the hot spot, grown by a pixel, is filled by ROAD's noisy linear imputation (road.py),
+  which carries no information about what was there; does the prediction change? Control: the same
+  shape moved to another place of the same image;
+- content: the hot spot's mean colour and texture against the same shape elsewhere in the images of
+  the class: atypical where one statistic lies more than ATYPICAL robust z-scores (median, MAD) from
+  the class's tissue.
+Per strategy: the share of its maps that change prediction with their hot spot filled and with the
+moved control filled, the share atypical, the median hot-spot area and the share of relevance in it.
+Its **suspicion** is (flip - control flip, at least 0) x atypical share: a shortcut is something
+unlike the class's tissue, in one compact place, that decides the prediction. ALARM is the level at
+which the report and bench/bench.py audit raise an alarm.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data import normalize
+from road import NOISE, impute
+
+HOT = 0.3          # a hot spot: connected pixels round the peak at >= HOT x the peak's smoothed relevance
+ATYPICAL = 3.0     # robust z-score beyond which a hot spot's colour or texture is not the class's tissue
+ALARM = 0.5        # suspicion at which a strategy is flagged as a likely shortcut
+K_MAX = 8          # at most this many strategies per class (chosen by the eigengap)
+NEIGHBOURS = 10    # of the k-nearest-neighbour graph the clustering cuts
+JOINED = 0.1      # clusters whose graph conductance is above this are one strategy (merge_joined)
+MIN_CLUSTERED = 2 * NEIGHBOURS  # a class with fewer maps is one strategy
+TOL = 1e-4         # the causal test's imputation: relative residual of its conjugate gradients (ROAD's: 1e-7)
+MAX_EIGEN = 2000   # maps per class in the eigen-decomposition; the others join their nearest neighbours' strategy
+FEATURES = ("evidence", "spray")
+
+
+@dataclass
+class Strategy:
+    cls: int
+    members: np.ndarray           # indices into the audited maps
+    flip: float                   # share whose prediction changes when the hot spot is filled
+    control_flip: float           # ... when the same shape elsewhere is filled
+    atypical: float               # share whose hot spot is unlike the class's tissue
+    area: float                   # median hot-spot area, share of the image
+    concentration: float          # median share of the positive relevance inside the hot spot
+    prob_drop: float              # mean fall of the class's probability with the hot spot filled
+    exemplars: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # most typical members
+
+    @property
+    def n(self) -> int:
+        return len(self.members)
+
+    @property
+    def suspicion(self) -> float:
+        return max(0.0, self.flip - self.control_flip) * (1 + self.atypical) / 2
+
+    @property
+    def alarm(self) -> bool:
+        return self.suspicion >= ALARM
+
+
+@dataclass
+class Audit:
+    strategies: dict[int, list[Strategy]]   # class -> strategies, most suspicious first
+    member_of: np.ndarray                   # (N,) index into flat(), -1 where not audited
+    per_map: dict[str, np.ndarray]          # flip, control_flip, atypical, area, concentration, prob_drop
+    features: str
+
+    def flat(self) -> list[Strategy]:
+        return [s for c in sorted(self.strategies) for s in self.strategies[c]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Per map: the hot spot, what filling it does, what it holds
+
+def smoothing(side: int) -> int:
+    """Box-filter width that smooths a map as 3 px do at 28 (odd)."""
+    return 2 * max(1, round(side / 28)) + 1
+
+
+def hot_spots(maps: torch.Tensor) -> torch.Tensor:
+    """bool (N, H, W): the connected pixels round each map's peak (8-neighbours) whose box-smoothed
+    positive relevance is at least HOT x the peak's. maps: (N, H, W) signed pixel scores."""
+    pos = maps.clamp(min=0).float()[:, None]
+    k = smoothing(maps.shape[-1])
+    smooth = F.avg_pool2d(pos, k, 1, k // 2, count_include_pad=False)[:, 0]
+    peak = smooth.flatten(1).max(1).values
+    above = (smooth >= HOT * peak[:, None, None]) & (peak[:, None, None] > 0)
+    spot = torch.zeros_like(above)
+    spot.view(len(spot), -1).scatter_(1, smooth.flatten(1).argmax(1, keepdim=True), True)
+    spot &= above
+    while True:  # grow from the peak inside `above` until nothing changes
+        grown = F.max_pool2d(spot[:, None].float(), 3, 1, 1)[:, 0].bool() & above
+        if torch.equal(grown, spot):
+            return spot
+        spot = grown
+
+
+def grow(masks: torch.Tensor, px: int) -> torch.Tensor:
+    """Each mask grown by px pixels (8-neighbours)."""
+    return F.max_pool2d(masks[:, None].float(), 2 * px + 1, 1, px)[:, 0].bool() if px else masks
+
+
+def shifts(masks: torch.Tensor, seeds) -> torch.Tensor:
+    """(N, 2) moves (dy, dx) that take each mask to another place of its image, whole inside it,
+    overlapping the original as little as a few seeded draws allow (0, 0 for an empty mask)."""
+    out = torch.zeros(len(masks), 2, dtype=torch.int64)
+    h, w = masks.shape[-2:]
+    for i, (m, s) in enumerate(zip(masks, seeds)):
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        if not len(ys):
+            continue
+        rng = np.random.default_rng(int(s))
+        y0, y1, x0, x1 = int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())
+        best = None
+        for _ in range(8):
+            dy, dx = int(rng.integers(-y0, h - y1)), int(rng.integers(-x0, w - x1))
+            overlap = int(m[ys + dy, xs + dx].sum())
+            if best is None or overlap < best[0]:
+                best = (overlap, dy, dx)
+            if overlap == 0:
+                break
+        out[i] = torch.tensor(best[1:])
+    return out
+
+
+def shift(a: torch.Tensor, moves: torch.Tensor) -> torch.Tensor:
+    """Each (H, W) plane of a moved by its (dy, dx), zeros where it comes from outside the image."""
+    out = torch.zeros_like(a)
+    h, w = a.shape[-2:]
+    for i, (dy, dx) in enumerate(moves.tolist()):
+        out[i, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+            a[i, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
+def moved(masks: torch.Tensor, seeds) -> torch.Tensor:
+    """The control regions: each mask's shape moved to another place of its image (shifts())."""
+    return shift(masks, shifts(masks, seeds))
+
+
+def content(images: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(N, 4): the weighted mean R, G, B (0-1) of each image and of its texture, the absolute
+    Laplacian of the grey image. images: uint8 (N, C, H, W); weights: (N, H, W), >= 0."""
+    x = images.float() / 255
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    grey = x.mean(1, keepdim=True)
+    lap = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]])[None, None]
+    texture = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), lap).abs()
+    w = weights.float()[:, None]
+    total = w.sum((2, 3)).clamp(min=1e-12)
+    return torch.cat([(x * w).sum((2, 3)) / total, (texture * w).sum((2, 3)) / total], 1)
+
+
+def robust_z(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per row, the largest |value - median| / (1.4826 MAD) over the columns, median and MAD of
+    `reference`. A MAD under 1e-3 counts as 1e-3."""
+    med = reference.median(0).values
+    mad = (reference - med).abs().median(0).values * 1.4826
+    return ((values - med).abs() / mad.clamp(min=1e-3)).max(1).values
+
+
+def fill(x: torch.Tensor, regions: torch.Tensor, seeds, tol: float = TOL, noise: float = NOISE) -> torch.Tensor:
+    """ROAD's noisy linear imputation (road.impute) of each region, solved on a window round it
+    rather than the whole image: the removed pixels' equations involve only their neighbours, so a
+    window with a pixel of margin (or the image's own edge) gives the same solution. Windows are
+    bucketed by size (multiples of 4 px) so each bucket is one batched solve. x: (N, C, H, W) model
+    input; regions: bool (N, H, W); an empty region leaves its image as it is."""
+    n, c, h, w = x.shape
+    out = x.clone()
+    rows_any, cols_any = regions.any(2), regions.any(1)
+    has = rows_any.any(1) & ~regions.flatten(1).all(1)
+    first = lambda a: a.float().argmax(1)
+    y0, y1 = first(rows_any), h - 1 - first(rows_any.flip(1))
+    x0, x1 = first(cols_any), w - 1 - first(cols_any.flip(1))
+    need = torch.maximum(y1 - y0, x1 - x0) + 3  # the extent plus a pixel of margin on each side
+    side = torch.clamp(4 * torch.ceil(need / 4), max=min(h, w)).long()
+    for s in torch.unique(side[has]).tolist():
+        rows = torch.nonzero(has & (side == s))[:, 0]
+        oy = torch.clamp(y0[rows] - 1, 0, h - s).long()
+        ox = torch.clamp(x0[rows] - 1, 0, w - s).long()
+        iy, ix = (oy[:, None] + torch.arange(s))[:, :, None], (ox[:, None] + torch.arange(s))[:, None, :]
+        r = rows[:, None, None]
+        window = x[r, :, iy, ix].permute(0, 3, 1, 2)  # (m, C, s, s)
+        filled = impute(window, regions[r, iy, ix], noise, [seeds[i] for i in rows.tolist()], tol=tol)
+        out[r, :, iy, ix] = filled.permute(0, 2, 3, 1)
+    return out
+
+
+@torch.no_grad()
+def causal_test(model, images: torch.Tensor, regions: torch.Tensor, classes: torch.Tensor, seeds,
+                batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Fill each region (fill()): does the prediction leave its class, and how much does the
+    class's probability fall? (bool (N,), float (N,)); an empty region changes nothing."""
+    flips, drops = [], []
+    device = next(model.parameters()).device
+    for s in range(0, len(images), batch):
+        x = normalize(images[s:s + batch]).to(device)
+        r, c = regions[s:s + batch].to(device), classes[s:s + batch].to(device)
+        filled = fill(x, r, seeds[s:s + batch])
+        p0 = torch.softmax(model(x.contiguous(memory_format=torch.channels_last)).float(), 1)
+        p1 = torch.softmax(model(filled.contiguous(memory_format=torch.channels_last)).float(), 1)
+        flips.append((p1.argmax(1) != c).cpu())
+        drops.append((p0.gather(1, c[:, None]) - p1.gather(1, c[:, None]))[:, 0].cpu())
+    return torch.cat(flips).numpy(), torch.cat(drops).numpy()
+
+
+# ------------------------------------------------------------------------------------------------
+# What each map points at, and the strategies
+
+@torch.no_grad()
+def describe(model, layer, images: torch.Tensor, maps: torch.Tensor, kind: str, batch: int = 512) -> np.ndarray:
+    """(N, D) unit vectors, one per map. "evidence": the layer's activations averaged over space with
+    the map's positive part (pooled to the layer's grid) as weights, so two maps that point at the
+    same kind of thing are close wherever it is; "spray": the positive map itself, average-pooled to
+    8x8 (SpRAy's downsampled heatmaps)."""
+    pos = maps.clamp(min=0).float()[:, None]
+    if kind == "spray":
+        v = F.adaptive_avg_pool2d(pos, 8).flatten(1)
+    elif kind == "evidence":
+        device, found, out = next(model.parameters()).device, [], []
+        hook = layer.register_forward_hook(lambda m, i, o: found.append(o.float()))
+        try:
+            for s in range(0, len(images), batch):
+                found.clear()
+                model(normalize(images[s:s + batch]).to(device).contiguous(memory_format=torch.channels_last))
+                a = found[0]
+                w = F.adaptive_avg_pool2d(pos[s:s + batch].to(device), a.shape[-2:])
+                w = torch.where(w.sum((2, 3), keepdim=True) > 0, w, torch.ones_like(w))
+                out.append(((a * w).sum((2, 3)) / w.sum((2, 3))).cpu())
+        finally:
+            hook.remove()
+        v = torch.cat(out)
+    else:
+        raise ValueError(f"features must be one of {FEATURES}, got {kind!r}")
+    return F.normalize(v, dim=1).numpy().astype(np.float64)
+
+
+def knn_graph(v: np.ndarray, k: int):
+    """Symmetric k-nearest-neighbour affinities (scipy sparse) of unit vectors: exp(-d^2 / (s_i s_j))
+    on the Euclidean distances d to each row's k nearest, s_i the distance to row i's k-th nearest
+    (Zelnik-Manor and Perona's local scaling, 2004), so tight and loose groups are cut alike."""
+    from sklearn.neighbors import kneighbors_graph
+    g = kneighbors_graph(v, min(k, len(v) - 1), mode="distance", include_self=False).tocsr()
+    scale = np.maximum(g.max(1).toarray()[:, 0], 1e-6)
+    rows = np.repeat(np.arange(len(v)), np.diff(g.indptr))
+    g.data = np.exp(-g.data ** 2 / (scale[rows] * scale[g.indices]))
+    return g.maximum(g.T)
+
+
+def n_strategies(graph, k_max: int = K_MAX) -> int:
+    """The eigengap: the k (1..k_max) after which the normalised Laplacian's sorted eigenvalues
+    jump the most (SpRAy's rule)."""
+    from scipy.sparse.csgraph import laplacian
+    lap = laplacian(graph.astype(np.float64), normed=True).toarray()
+    ev = np.linalg.eigvalsh(lap)[:k_max + 1]
+    return int(np.argmax(np.diff(ev)) + 1)
+
+
+def merge_joined(graph, labels: np.ndarray, joined: float = JOINED) -> np.ndarray:
+    """Merge clusters that the graph does not separate: while two clusters A and B have a
+    conductance cut(A, B) / min(vol A, vol B) above `joined`, the most joined pair becomes one. The
+    eigengap can split one continuous group (a line of maps from faint to strong) into pieces that
+    are not strategies of their own; groups that are really apart are barely joined by the graph."""
+    labels = np.unique(labels, return_inverse=True)[1]
+    while labels.max() > 0:
+        one_hot = np.eye(labels.max() + 1)[labels]
+        between = one_hot.T @ (graph @ one_hot)  # cut(A, B) off the diagonal, within-weight on it
+        vol = between.sum(1)
+        phi = between / np.minimum(vol[:, None], vol[None, :]).clip(min=1e-12)
+        np.fill_diagonal(phi, 0)
+        a, b = np.unravel_index(np.argmax(phi), phi.shape)
+        if phi[a, b] <= joined:
+            break
+        labels = np.unique(np.where(labels == max(a, b), min(a, b), labels), return_inverse=True)[1]
+    return labels
+
+
+def cluster(v: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Strategy labels (0..k-1) of the rows of v: spectral clustering of the k-NN graph, k by the
+    eigengap; above MAX_EIGEN rows, a seeded sample is clustered and each other row takes the
+    majority label of its NEIGHBOURS nearest sampled rows."""
+    from sklearn.cluster import spectral_clustering
+    from sklearn.neighbors import NearestNeighbors
+    if len(v) < MIN_CLUSTERED:
+        return np.zeros(len(v), np.int64)
+    fit = np.sort(np.random.default_rng(seed).permutation(len(v))[:MAX_EIGEN])
+    graph = knn_graph(v[fit], NEIGHBOURS)
+    k = n_strategies(graph)
+    labels = np.zeros(len(v), np.int64)
+    if k > 1:
+        with warnings.catch_warnings():  # a graph in pieces is the clearest case of separate strategies
+            warnings.filterwarnings("ignore", "Graph is not fully connected")
+            found = spectral_clustering(graph, n_clusters=k, random_state=seed, assign_labels="cluster_qr")
+        labels[fit] = merge_joined(graph, found)
+    if len(fit) < len(v):
+        rest = np.setdiff1d(np.arange(len(v)), fit)
+        near = NearestNeighbors(n_neighbors=NEIGHBOURS).fit(v[fit]).kneighbors(v[rest], return_distance=False)
+        labels[rest] = [np.bincount(labels[fit][row]).argmax() for row in near]
+    return np.unique(labels, return_inverse=True)[1].astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------------
+# The audit
+
+def audit_maps(model, layer, images: torch.Tensor, maps: torch.Tensor, classes, seeds, features: str = "evidence",
+               n_exemplars: int = 8) -> Audit:
+    """Audit N maps: images uint8 (N, C, H, W) as the model sees them, maps (N, [C,] H, W) of the
+    class each explains (`classes`, the predicted class), seeds one per map (imputation noise and the
+    control's place). model: eval mode; layer: its Grad-CAM layer (features "evidence")."""
+    maps = torch.as_tensor(maps).float()
+    maps = maps.sum(1) if maps.ndim == 4 else maps
+    classes = torch.as_tensor(np.asarray(classes), dtype=torch.int64)
+    seeds = [int(s) for s in seeds]
+    if not (len(images) == len(maps) == len(classes) == len(seeds)):
+        raise ValueError(f"audit: {len(images)} images, {len(maps)} maps, {len(classes)} classes and {len(seeds)} "
+                         "seeds; expected one of each per map")
+    if images.shape[-2:] != maps.shape[-2:]:
+        raise ValueError(f"audit: maps of {tuple(maps.shape[-2:])} px for images of {tuple(images.shape[-2:])} px")
+    spot = hot_spots(maps)
+    pos = maps.clamp(min=0)
+    total = pos.sum((1, 2))
+    concentration = torch.where(total > 0, (pos * spot).sum((1, 2)) / total.clamp(min=1e-30), 0).numpy()
+    area = spot.float().mean((1, 2)).numpy()
+    px = max(1, round(images.shape[-1] / 28))
+    region = grow(spot, px)
+    moves = shifts(region, [s + 1 for s in seeds])
+    control = shift(region, moves)
+    flip, drop = causal_test(model, images, region, classes, seeds)
+    control_flip, _ = causal_test(model, images, control, classes, [s + 2 for s in seeds])
+    # What the hot spot holds, weighted by its relevance, against the same weights elsewhere in the
+    # same images: unlike the tissue of its class *and* of the whole selection (ink is unlike any
+    # tissue; the dark nuclei a class is recognised by are like the tissue of some class).
+    weights = pos * spot
+    inside, elsewhere = content(images, weights), content(images, shift(weights, moves))
+    z_all, z_class = robust_z(inside, elsewhere).numpy(), np.zeros(len(maps))
+    by_class = {c: np.flatnonzero(classes.numpy() == c) for c in np.unique(classes.numpy()).tolist()}
+    for rows in by_class.values():
+        z_class[rows] = robust_z(inside[rows], elsewhere[rows]).numpy()
+    atypical = np.minimum(z_class, z_all) > ATYPICAL
+    vectors = describe(model, layer, images, maps, features)
+    member_of = np.full(len(maps), -1, np.int64)
+    per_class: dict[int, list[Strategy]] = {}
+    for c, rows in by_class.items():
+        labels = cluster(vectors[rows])
+        found = []
+        for k in range(labels.max() + 1):
+            members = rows[labels == k]
+            centre = vectors[members].mean(0)
+            found.append(Strategy(
+                cls=c, members=members, flip=float(flip[members].mean()),
+                control_flip=float(control_flip[members].mean()), atypical=float(atypical[members].mean()),
+                area=float(np.median(area[members])), concentration=float(np.median(concentration[members])),
+                prob_drop=float(drop[members].mean()),
+                exemplars=members[np.argsort(-(vectors[members] @ centre), kind="stable")[:n_exemplars]]))
+        per_class[c] = sorted(found, key=lambda s: (-s.suspicion, -s.flip, -s.n))
+    result = Audit(per_class, member_of, {
+        "flip": flip, "control_flip": control_flip, "atypical": atypical, "z_class": z_class, "z_all": z_all,
+        "area": area, "concentration": concentration, "prob_drop": drop}, features)
+    for j, s in enumerate(result.flat()):
+        member_of[s.members] = j
+    return result

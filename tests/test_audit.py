@@ -1,0 +1,199 @@
+"""The shortcut audit (audit.py) on hand-built models, images and maps whose answer is known: a model
+that calls class 1 whenever a blue ink dot is anywhere in the image (a shortcut) or the whole tissue
+is blue (the class's real tissue), maps that point at the dot or spread over the tissue."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import audit
+from data import MEAN, STD
+
+
+class DotModel(nn.Module):
+    """Class 1 when some pixel's blueness (B - (R + G) / 2) exceeds 0.3, else class 0. Its
+    "Grad-CAM layer" (self.layer) has two channels: blueness and brightness, per pixel."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Conv2d(3, 2, 1)
+        with torch.no_grad():
+            self.layer.weight.copy_(torch.tensor([[-0.5, -0.5, 1.0], [1 / 3, 1 / 3, 1 / 3]])[:, :, None, None])
+            self.layer.bias.zero_()
+
+    def forward(self, x):
+        a = self.layer(x * STD + MEAN)  # the model's input is normalised; the layer sees 0-1 colours
+        blue = a[:, 0].flatten(1).amax(1)
+        return torch.stack([torch.zeros_like(blue), 40 * (blue - 0.3)], 1)
+
+
+def tissue(n: int, seed: int, blue: bool = False) -> torch.Tensor:
+    """uint8 (n, 3, 28, 28): pink (or blue) tissue-like noise."""
+    g = torch.Generator().manual_seed(seed)
+    colour = torch.tensor([0.45, 0.45, 0.85] if blue else [0.80, 0.50, 0.70])[None, :, None, None]
+    smooth = torch.nn.functional.avg_pool2d(torch.rand(n, 3, 28, 28, generator=g), 3, 1, 1)
+    return ((colour + 0.1 * (smooth - 0.5)).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def with_dots(x: torch.Tensor, seed: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """A 3x3 dark-blue ink dot at a random place of each image; the dots' centres."""
+    rng, out, where = np.random.default_rng(seed), x.clone(), []
+    for i in range(len(x)):
+        cy, cx = rng.integers(3, 25, 2)
+        out[i, :, cy - 1:cy + 2, cx - 1:cx + 2] = torch.tensor([38, 51, 153], dtype=torch.uint8)[:, None, None]
+        where.append((int(cy), int(cx)))
+    return out, where
+
+
+def blob(centre, sigma: float = 1.5, side: int = 28) -> torch.Tensor:
+    ys, xs = torch.meshgrid(torch.arange(side).float(), torch.arange(side).float(), indexing="ij")
+    return torch.exp(-((ys - centre[0]) ** 2 + (xs - centre[1]) ** 2) / (2 * sigma ** 2))
+
+
+def diffuse(n: int, seed: int) -> torch.Tensor:
+    """Maps spread over the whole image (relevance on the tissue everywhere)."""
+    g = torch.Generator().manual_seed(seed)
+    return 0.5 + torch.rand(n, 28, 28, generator=g)
+
+
+@pytest.fixture(scope="module")
+def case():
+    """30 images of class 0 (pink tissue), 24 of class 1 through the dot shortcut (pink tissue with a
+    dot; the maps point at it) and 24 of class 1 through real blue tissue (diffuse maps)."""
+    pink = tissue(30, 0)
+    dotted, centres = with_dots(tissue(24, 1), 2)
+    blue = tissue(24, 3, blue=True)
+    images = torch.cat([pink, dotted, blue])
+    maps = torch.cat([diffuse(30, 4), torch.stack([blob(c) for c in centres]), diffuse(24, 5)])
+    model = DotModel().eval()
+    classes = model(((images.float() / 255 - MEAN) / STD)).argmax(1)
+    assert classes.tolist() == [0] * 30 + [1] * 48  # the hand-built model does what it says
+    return model, images, maps, classes, centres
+
+
+def test_the_hot_spot_is_the_connected_region_round_the_peak(monkeypatch):
+    monkeypatch.setattr(audit, "HOT", 0.5)
+    m = torch.zeros(1, 28, 28)
+    m[0, 5:10, 5:10] = 1.0     # the peak's region
+    m[0, 20:23, 20:23] = 0.9   # above half the peak, but apart from it
+    m[0, 14, 3] = 0.2          # below half
+    spot = audit.hot_spots(m)[0]
+    expected = torch.zeros(28, 28, dtype=torch.bool)
+    expected[5:10, 5:10] = True
+    expected[[5, 5, 9, 9], [5, 9, 5, 9]] = False  # 3 px box smoothing: a corner keeps 4/9 of the peak, an edge 6/9
+    assert torch.equal(spot, expected)
+
+
+def test_a_negative_or_empty_map_has_no_hot_spot():
+    assert not audit.hot_spots(-torch.ones(2, 28, 28)).any()
+    assert not audit.hot_spots(torch.zeros(1, 28, 28)).any()
+
+
+def test_the_control_region_has_the_same_shape_elsewhere():
+    m = torch.zeros(3, 28, 28, dtype=torch.bool)
+    m[0, 2:6, 3:8] = True
+    m[1, 20:27, 10:12] = True
+    m[2, 13, 13] = True
+    c = audit.moved(m, [1, 2, 3])
+    for a, b in zip(m, c):
+        ya, xa = torch.nonzero(a, as_tuple=True)
+        yb, xb = torch.nonzero(b, as_tuple=True)
+        assert len(ya) == len(yb)
+        dy, dx = int(yb.min() - ya.min()), int(xb.min() - xa.min())
+        assert torch.equal(ya + dy, yb) and torch.equal(xa + dx, xb)  # a translation of the same shape
+        assert not (a & b).any()  # small shapes always find a place apart
+
+
+def test_filling_the_dot_changes_the_prediction_and_filling_elsewhere_does_not(case):
+    model, images, maps, classes, centres = case
+    dotted = slice(30, 54)
+    spots = audit.grow(audit.hot_spots(maps[dotted]), 1)
+    for s, (cy, cx) in zip(spots, centres):
+        assert s[cy - 1:cy + 2, cx - 1:cx + 2].all()  # the grown hot spot covers the whole dot
+    seeds = list(range(24))
+    flip, drop = audit.causal_test(model, images[dotted], spots, classes[dotted], seeds)
+    assert flip.all() and (drop > 0.9).all()
+    control, _ = audit.causal_test(model, images[dotted], audit.moved(spots, seeds), classes[dotted], seeds)
+    assert not control.any()
+
+
+def test_content_flags_ink_and_not_tissue(case):
+    model, images, maps, classes, centres = case
+    spots = audit.grow(audit.hot_spots(maps), 1)
+    elsewhere = audit.moved(spots, list(range(len(maps))))
+    z = audit.robust_z(audit.content(images, spots), audit.content(images, elsewhere)[:54])
+    assert (z[30:54] > audit.ATYPICAL).all()       # the dot: dark blue, unlike the pink tissue
+    assert (z[:30] <= audit.ATYPICAL).float().mean() > 0.9  # the tissue's own hot spots: like the tissue
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_the_eigengap_finds_the_number_of_separate_groups(k):
+    rng = np.random.default_rng(k)
+    centres = np.eye(16)[:k] * 3
+    v = np.concatenate([c + 0.2 * rng.standard_normal((25, 16)) for c in centres])
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    labels = audit.cluster(v)
+    truth = np.repeat(np.arange(k), 25)
+    assert len(np.unique(labels)) == k
+    assert all(len(np.unique(labels[truth == g])) == 1 for g in range(k))  # each group whole, none shared
+
+
+def test_many_rows_take_their_neighbours_strategy(monkeypatch):
+    monkeypatch.setattr(audit, "MAX_EIGEN", 40)  # 40 of 90 rows clustered, 50 assigned by neighbours
+    rng = np.random.default_rng(0)
+    v = np.concatenate([c + 0.2 * rng.standard_normal((45, 8)) for c in np.eye(8)[:2] * 3])
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    labels = audit.cluster(v)
+    assert len(np.unique(labels[:45])) == 1 and len(np.unique(labels[45:])) == 1 and labels[0] != labels[-1]
+
+
+def test_the_audit_puts_the_shortcut_first_and_alone(case):
+    model, images, maps, classes, centres = case
+    found = audit.audit_maps(model, model.layer, images, maps, classes, list(range(len(maps))))
+    top = found.strategies[1][0]
+    assert set(top.members.tolist()) == set(range(30, 54))  # what the maps point at: ink, wherever the dot is
+    assert top.flip == 1 and top.control_flip == 0 and top.atypical == 1 and top.alarm
+    assert 0 < top.area < 0.05
+    blue = [s for s in found.strategies[1] if set(s.members.tolist()) & set(range(54, 78))]
+    assert blue and all(s.flip == 0 and not s.alarm for s in blue)  # real blue tissue: no fill flips it
+    assert all(not s.alarm for s in found.strategies[0])
+    # every audited map in exactly one strategy, and member_of points at it
+    flat = found.flat()
+    assert sorted(np.concatenate([s.members for s in flat]).tolist()) == list(range(78))
+    assert all((found.member_of[s.members] == j).all() for j, s in enumerate(flat))
+
+
+def test_spray_groups_maps_by_place_so_dots_anywhere_do_not_form_one_strategy(case):
+    """Why the default describes what a map points at: SpRAy's downsampled maps put dots at different
+    places in different groups (or with the diffuse maps of real tissue)."""
+    model, images, maps, classes, centres = case
+    found = audit.audit_maps(model, model.layer, images, maps, classes, list(range(len(maps))), "spray")
+    assert all(set(s.members.tolist()) != set(range(30, 54)) for s in found.strategies[1])
+
+
+def test_mismatched_inputs_are_refused(case):
+    model, images, maps, classes, centres = case
+    with pytest.raises(ValueError, match="one of each per map"):
+        audit.audit_maps(model, model.layer, images, maps[:10], classes, range(78))
+    with pytest.raises(ValueError, match="features must be one of"):
+        audit.audit_maps(model, model.layer, images, maps, classes, range(78), "pixels")
+
+
+def test_filling_a_window_round_each_region_equals_road_on_the_whole_image():
+    """fill() solves ROAD's imputation on a window round each region; without noise it must give
+    road.impute's whole-image solution, for regions in the middle, at edges and corners, and of
+    several window sizes in one batch."""
+    from road import impute
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 28, 28, generator=g, dtype=torch.float64)
+    regions = torch.zeros(6, 28, 28, dtype=torch.bool)
+    regions[0, 10:13, 12:14] = True           # small, in the middle
+    regions[1, 0:4, 0:5] = True               # at a corner
+    regions[2, 20:28, 3:9] = True             # on the bottom edge
+    regions[3, 5:19, 7:21] = True             # a large one (another window size)
+    regions[4, [3, 9], [4, 15]] = True        # two pieces
+    # image 5: no region at all
+    ours = audit.fill(x, regions, list(range(6)), tol=1e-12, noise=0)
+    assert torch.allclose(ours[:5], impute(x[:5], regions[:5], noise=0, seeds=None, tol=1e-12), atol=1e-9)
+    assert torch.equal(ours[5], x[5])
+    assert torch.equal(ours[~regions[:, None].expand_as(x)], x[~regions[:, None].expand_as(x)])
