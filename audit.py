@@ -14,8 +14,8 @@ always in the same corner; a pen mark can be anywhere on a slide. So each map is
 part as weights ("evidence"); SpRAy's downsampled maps ("spray") are kept for comparison, and
 bench/bench.py audit measures both on planted marks.
 
-Each map's **hot spot** is the connected region round its peak where the (lightly smoothed) positive
-relevance is at least HOT times the peak. Per map:
+Each map's **hot spot** is where its (lightly smoothed) positive relevance is at least HOT times its
+peak. Per map:
 - causal test: the hot spot, grown by a pixel, is filled by ROAD's noisy linear imputation (road.py),
   which carries no information about what was there; does the prediction change? Control: the same
   shape moved to another place of the same image;
@@ -24,9 +24,9 @@ relevance is at least HOT times the peak. Per map:
   the class's tissue.
 Per strategy: the share of its maps that change prediction with their hot spot filled and with the
 moved control filled, the share atypical, the median hot-spot area and the share of relevance in it.
-Its **suspicion** is (flip - control flip, at least 0) x atypical share: a shortcut is something
-unlike the class's tissue, in one compact place, that decides the prediction. ALARM is the level at
-which the report and bench/bench.py audit raise an alarm.
+Its **suspicion** is (flip - control flip, at least 0) x atypical share: a shortcut is something in
+a small place, unlike tissue, that decides the prediction. ALARM is the level at which the report
+and bench/bench.py audit raise an alarm.
 """
 from __future__ import annotations
 
@@ -42,11 +42,12 @@ from road import NOISE, impute
 
 HOT = 0.3          # a hot spot: connected pixels round the peak at >= HOT x the peak's smoothed relevance
 ATYPICAL = 3.0     # robust z-score beyond which a hot spot's colour or texture is not the class's tissue
-ALARM = 0.5        # suspicion at which a strategy is flagged as a likely shortcut
+ALARM = 0.2        # suspicion at which a strategy is flagged as a likely shortcut (chosen on fold 0 of bench/bench.py audit)
 K_MAX = 8          # at most this many strategies per class (chosen by the eigengap)
 NEIGHBOURS = 10    # of the k-nearest-neighbour graph the clustering cuts
-JOINED = 0.1      # clusters whose graph conductance is above this are one strategy (merge_joined)
+JOINED = 0.1      # clusters whose graph conductance is above this are one strategy (merge_overlapping)
 MIN_CLUSTERED = 2 * NEIGHBOURS  # a class with fewer maps is one strategy
+GROW = 1           # px (at 28) the hot spot is grown by before it is filled, to take its edges too
 TOL = 1e-4         # the causal test's imputation: relative residual of its conjugate gradients (ROAD's: 1e-7)
 MAX_EIGEN = 2000   # maps per class in the eigen-decomposition; the others join their nearest neighbours' strategy
 FEATURES = ("evidence", "spray")
@@ -70,7 +71,7 @@ class Strategy:
 
     @property
     def suspicion(self) -> float:
-        return max(0.0, self.flip - self.control_flip) * (1 + self.atypical) / 2
+        return max(0.0, self.flip - self.control_flip) * self.atypical
 
     @property
     def alarm(self) -> bool:
@@ -97,21 +98,14 @@ def smoothing(side: int) -> int:
 
 
 def hot_spots(maps: torch.Tensor) -> torch.Tensor:
-    """bool (N, H, W): the connected pixels round each map's peak (8-neighbours) whose box-smoothed
-    positive relevance is at least HOT x the peak's. maps: (N, H, W) signed pixel scores."""
+    """bool (N, H, W): the pixels whose box-smoothed positive relevance is at least HOT x the peak's,
+    wherever they are (not only round the peak: a ring or a pen stroke through the image is one
+    spot, and half of a ring still decides). maps: (N, H, W) signed pixel scores."""
     pos = maps.clamp(min=0).float()[:, None]
     k = smoothing(maps.shape[-1])
     smooth = F.avg_pool2d(pos, k, 1, k // 2, count_include_pad=False)[:, 0]
     peak = smooth.flatten(1).max(1).values
-    above = (smooth >= HOT * peak[:, None, None]) & (peak[:, None, None] > 0)
-    spot = torch.zeros_like(above)
-    spot.view(len(spot), -1).scatter_(1, smooth.flatten(1).argmax(1, keepdim=True), True)
-    spot &= above
-    while True:  # grow from the peak inside `above` until nothing changes
-        grown = F.max_pool2d(spot[:, None].float(), 3, 1, 1)[:, 0].bool() & above
-        if torch.equal(grown, spot):
-            return spot
-        spot = grown
+    return (smooth >= HOT * peak[:, None, None]) & (peak[:, None, None] > 0)
 
 
 def grow(masks: torch.Tensor, px: int) -> torch.Tensor:
@@ -275,20 +269,27 @@ def n_strategies(graph, k_max: int = K_MAX) -> int:
     return int(np.argmax(np.diff(ev)) + 1)
 
 
-def merge_joined(graph, labels: np.ndarray, joined: float = JOINED) -> np.ndarray:
-    """Merge clusters that the graph does not separate: while two clusters A and B have a
-    conductance cut(A, B) / min(vol A, vol B) above `joined`, the most joined pair becomes one. The
-    eigengap can split one continuous group (a line of maps from faint to strong) into pieces that
-    are not strategies of their own; groups that are really apart are barely joined by the graph."""
+def merge_overlapping(v: np.ndarray, graph, labels: np.ndarray, joined: float = JOINED) -> np.ndarray:
+    """Merge clusters that are one group cut in pieces. The eigengap can split one continuous group
+    (an ink mark on fat and on tumour; a line of maps from faint to strong) into pieces that are not
+    strategies of their own. Two clusters are one while they overlap, (s_A + s_B) / |c_A - c_B| > 1
+    (Davies and Bouldin's similarity: s the mean distance of a cluster's rows to its centre c), or
+    while the graph joins them, cut(A, B) / min(vol A, vol B) > `joined`; the pair that is most one
+    merges first, until no pair is."""
     labels = np.unique(labels, return_inverse=True)[1]
     while labels.max() > 0:
         one_hot = np.eye(labels.max() + 1)[labels]
         between = one_hot.T @ (graph @ one_hot)  # cut(A, B) off the diagonal, within-weight on it
         vol = between.sum(1)
         phi = between / np.minimum(vol[:, None], vol[None, :]).clip(min=1e-12)
-        np.fill_diagonal(phi, 0)
-        a, b = np.unravel_index(np.argmax(phi), phi.shape)
-        if phi[a, b] <= joined:
+        centre = (one_hot.T @ v) / one_hot.sum(0)[:, None]
+        spread = np.array([np.linalg.norm(v[labels == k] - centre[k], axis=1).mean() for k in range(len(centre))])
+        apart = np.linalg.norm(centre[:, None] - centre[None], axis=2)
+        overlap = (spread[:, None] + spread[None]) / apart.clip(min=1e-12)
+        one = np.maximum(overlap, phi / joined)
+        np.fill_diagonal(one, 0)
+        a, b = np.unravel_index(np.argmax(one), one.shape)
+        if one[a, b] <= 1:
             break
         labels = np.unique(np.where(labels == max(a, b), min(a, b), labels), return_inverse=True)[1]
     return labels
@@ -310,7 +311,7 @@ def cluster(v: np.ndarray, seed: int = 0) -> np.ndarray:
         with warnings.catch_warnings():  # a graph in pieces is the clearest case of separate strategies
             warnings.filterwarnings("ignore", "Graph is not fully connected")
             found = spectral_clustering(graph, n_clusters=k, random_state=seed, assign_labels="cluster_qr")
-        labels[fit] = merge_joined(graph, found)
+        labels[fit] = merge_overlapping(v[fit], graph, found)
     if len(fit) < len(v):
         rest = np.setdiff1d(np.arange(len(v)), fit)
         near = NearestNeighbors(n_neighbors=NEIGHBOURS).fit(v[fit]).kneighbors(v[rest], return_distance=False)
@@ -340,8 +341,7 @@ def audit_maps(model, layer, images: torch.Tensor, maps: torch.Tensor, classes, 
     total = pos.sum((1, 2))
     concentration = torch.where(total > 0, (pos * spot).sum((1, 2)) / total.clamp(min=1e-30), 0).numpy()
     area = spot.float().mean((1, 2)).numpy()
-    px = max(1, round(images.shape[-1] / 28))
-    region = grow(spot, px)
+    region = grow(spot, GROW * max(1, round(images.shape[-1] / 28)))
     moves = shifts(region, [s + 1 for s in seeds])
     control = shift(region, moves)
     flip, drop = causal_test(model, images, region, classes, seeds)

@@ -10,6 +10,7 @@
     python bench/bench.py xai                # the explanation leaderboard on real folds (bench/xai.py)
     python bench/bench.py planted            # explanations against planted marks on real folds (bench/planted.py)
     python bench/bench.py trust              # explain.py --trust on the first run's models, adaptive vs fixed (bench/firstrun.py)
+    python bench/bench.py audit --models runs/planted-models   # the shortcut audit on planted marks (bench/shortcuts.py)
 
 The data is our synthetic set written as pathmnist.npz (MedMNIST layout, no masks) in a temp folder;
 the seed reads it through medmnist.PathMNIST, ours through data.load_data. Other processes share
@@ -308,7 +309,8 @@ def accuracy(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("mode", nargs="?", default="speed", choices=("speed", "accuracy", "real", "xai", "planted", "trust"))
+    p.add_argument("mode", nargs="?", default="speed", choices=("speed", "accuracy", "real", "xai", "planted", "trust",
+                                                                   "audit"))
     p.add_argument("--quick", action="store_true", help="smoke run: small sizes, one run")
     p.add_argument("--only", default=",".join(SECTIONS),
                    type=lambda v: [k for k in v.split(",") if k], help="speed: the sections to run")
@@ -340,10 +342,10 @@ def main() -> None:
                    "planted: the marks and maps of --entries")
     p.add_argument("--entries", default="", help="xai, planted: only the entries whose name contains one of these "
                    "comma-separated words (case-insensitive), e.g. occlusion,Grad-CAM")
-    p.add_argument("--workers", type=int, default=2, help="planted: training processes at once (one thread each)")
-    p.add_argument("--models", default="", help="planted: keep the trained models in this folder and reuse those "
-                   "already there")
-    p.add_argument("--fold-ids", default="", help="planted: only these comma-separated folds (e.g. 0,1)")
+    p.add_argument("--workers", type=int, default=2, help="planted, audit: processes at once (one thread each)")
+    p.add_argument("--models", default="", help="planted, audit: keep the trained models in this folder and reuse "
+                   "those already there (audit: runs/planted-models by default; its maps are kept there too)")
+    p.add_argument("--fold-ids", default="", help="planted, audit: only these comma-separated folds (e.g. 0,1)")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     args = p.parse_args()
     if set(args.only) - set(SECTIONS):
@@ -395,6 +397,14 @@ def main() -> None:
             shown = xai.pick(args.entries) or ["Blur IG × Grad-CAM", "Blur IG (scale-space path)", "LRP, ε-γ-box rules",
                                                "occlusion, Gaussian-blur fill", "Grad-CAM"]
             print(f"wrote {planted.figure(Path(args.real), args.models, Path(args.figure), shown, args.folds)}")
+    elif args.mode == "audit":
+        import shortcuts
+        print(f"machine: {machine()}", flush=True)
+        folds = [int(f) for f in args.fold_ids.split(",") if f] or None
+        results = shortcuts.run(Path(args.real), k=args.folds, folds=folds, workers=args.workers,
+                                models=args.models or "runs/planted-models")
+        results["speed"] = shortcuts.speed(Path(args.real), args.models or "runs/planted-models", args.tmp)
+        print(shortcuts.report(results))
     elif args.mode == "trust":
         import firstrun
         print(f"machine: {machine()}", flush=True)

@@ -45,15 +45,46 @@ def carriers(labels: np.ndarray, mark: str, fold: int) -> np.ndarray:
     return out
 
 
+def explained(net, refs, base, base_pred, y, seeds, marks, f: int, cache: Path, task: str, seconds: dict):
+    """mark -> (images, predictions, maps, carriers) of the selection with that mark drawn (None: no
+    mark), every image explained at its prediction with ENTRY. The unmarked images' maps are
+    computed once and shared; all are kept in `cache`, so audits can be rerun without the maps."""
+    import planted
+    import xai
+    from marks import plant
+    from model import predict
+    kept = torch.load(cache, weights_only=True) if cache.exists() else {}
+    if "base" not in kept:
+        t0 = time.perf_counter()
+        kept["base"] = xai.explain(ENTRY, net, base, torch.from_numpy(base_pred), seeds, refs)
+        seconds.setdefault("maps", []).append((time.perf_counter() - t0) / len(base))
+    for mark in marks:
+        if mark is not None and mark not in kept:
+            rows = np.flatnonzero(carriers(y, mark, f))
+            x = plant(base[rows], mark, planted.mark_seeds(rows, mark, 3))[0]
+            pred = predict(net, x, 256, "cpu", task).argmax(1)
+            kept[mark] = {"rows": torch.from_numpy(rows), "x": x, "pred": torch.from_numpy(pred),
+                          "maps": xai.explain(ENTRY, net, x, torch.from_numpy(pred), seeds[rows], refs)}
+    torch.save(kept, cache)
+
+    def of(mark):
+        x, pred, maps = base.clone(), base_pred.copy(), kept["base"].clone()
+        carries = np.zeros(len(base), bool)
+        if mark is not None:
+            k = kept[mark]
+            rows = k["rows"].numpy()
+            x[rows], pred[rows], maps[rows], carries[rows] = k["x"], k["pred"].numpy(), k["maps"], True
+        return x, pred, maps, carries
+    return of
+
+
 def audit_job(real: str, k: int, f: int, folder: str, groups=None) -> dict:
     """Every audit of fold f: each planted model on each of its marks, the clean model on the
     unmarked images and on every mark's selection."""
     torch.set_num_threads(1)
     import planted
-    import xai
     from audit import FEATURES, audit_maps
     from data import normalize
-    from marks import plant
     from model import GRADCAM_LAYERS, predict
     data, images, labels, train_idx, val_idx, test_idx, Split = planted._fold_data(Path(real), k, f)
     refs = normalize(images[train_idx]).contiguous(memory_format=torch.channels_last)
@@ -67,18 +98,11 @@ def audit_job(real: str, k: int, f: int, folder: str, groups=None) -> dict:
         layer = net.get_submodule(GRADCAM_LAYERS["lightcnn"])
         base = images
         base_pred = predict(net, base, 256, "cpu", data.task).argmax(1)
-        t0 = time.perf_counter()
-        base_maps = xai.explain(ENTRY, net, base, torch.from_numpy(base_pred), seeds, refs)
-        out["seconds"].setdefault("maps", []).append((time.perf_counter() - t0) / len(base))
         marks = list(planted.GROUPS[group]) if group >= 0 else [None] + all_marks
+        maps_of = explained(net, refs, base, base_pred, y, seeds, marks, f,
+                            Path(folder) / f"maps-fold{f}-group{group}.pt", data.task, out["seconds"])
         for mark in marks:
-            x, maps, pred = base.clone(), base_maps.clone(), base_pred.copy()
-            carries = np.zeros(len(y), bool) if mark is None else carriers(y, mark, f)
-            if mark is not None:
-                rows = np.flatnonzero(carries)
-                x[rows] = plant(base[rows], mark, planted.mark_seeds(rows, mark, 3))[0]
-                pred[rows] = predict(net, x[rows], 256, "cpu", data.task).argmax(1)
-                maps[rows] = xai.explain(ENTRY, net, x[rows], torch.from_numpy(pred[rows]), seeds[rows], refs)
+            x, pred, maps, carries = maps_of(mark)
             row = {"mark": mark, "carries": int(carries.sum()), "pred": pred.tolist(), "base_pred": base_pred.tolist(),
                    "features": {}}
             if group >= 0:
@@ -127,3 +151,96 @@ def run(real: Path, k: int = 5, folds=None, workers: int = 2, models: str = "run
             print(f"trained {Path(t.result()).stem}", flush=True)
         jobs = [pool.submit(audit_job, str(real), k, f, models) for f in folds]
         return {"k": k, "share": SHARE, "folds": [j.result() for j in jobs]}
+
+
+def speed(real: Path, models: str, tmp: str = "", n_copies: int = 10) -> dict:
+    """Seconds explain.py --audit takes for 7,180 stored maps (the size of PathMNIST's test split):
+    the 718 real images in 10 orientations (rotations and mirror images, as tissue can lie), fold 0's
+    first planted model, explain.py's default maps stored in a fresh database, then run_audit (read,
+    audit, store) timed with each kind of map description, in this process with its threads."""
+    import tempfile
+
+    import planted
+    import xai
+    from audit_run import run_audit
+    from data import load_data, normalize
+    from db import ExplanationDB
+    from db_run import RunStore
+    from model import GRADCAM_LAYERS, predict
+    data = load_data("pathmnist", 28, real, ("test",))
+    one = data.splits["test"].images
+    turns = [(k, flip) for flip in (False, True) for k in range(4)] + [(1, False), (3, True)]
+    images = torch.cat([torch.rot90(one.flip(-1) if flip else one, k, (-2, -1)) for k, flip in turns[:n_copies]])
+    net = planted._load(str(Path(models) / "fold0-group0.pt"))
+    layer = net.get_submodule(GRADCAM_LAYERS["lightcnn"])
+    pred = predict(net, images, 256, "cpu", data.task)
+    t0 = time.perf_counter()
+    refs = normalize(one[:256]).contiguous(memory_format=torch.channels_last)
+    maps = torch.cat([xai.explain(ENTRY, net, images[s:s + 512], torch.from_numpy(pred[s:s + 512].argmax(1)),
+                                  range(s, s + 512), refs) for s in range(0, len(images), 512)])
+    out = {"maps": len(images), "seconds_maps": time.perf_counter() - t0}
+    with tempfile.TemporaryDirectory(dir=tmp or None) as folder, ExplanationDB(Path(folder) / "audit.db") as db:
+        store = RunStore.open(db, checkpoint_sha256="0" * 64, model="lightcnn", config={}, dataset="bench",
+                              size=28, split="test")
+        idx = np.arange(len(images))
+        sid = store.add_settings({"blur_ig_x_gradcam": {}})["blur_ig_x_gradcam"]
+        store.put(sid, sample_ids=store.add_samples(idx, np.zeros(len(idx), np.int64)), targets=pred.argmax(1),
+                  predicted=pred.argmax(1), confidence=pred.max(1), maps=maps.numpy())
+        for kind in ("evidence", "spray"):
+            t0 = time.perf_counter()
+            run_audit(store, net, layer, images, idx, {"blur_ig_x_gradcam": sid}, kind, "bench", "test")
+            out[f"seconds_audit_{kind}"] = time.perf_counter() - t0
+            print(f"audit of {len(images)} stored maps ({kind}): {out[f'seconds_audit_{kind}']:.1f} s", flush=True)
+    return out
+
+
+def summary(out: dict, kind: str = "evidence") -> dict:
+    """The issue's two figures for one kind of map description: per learnt (mark, fold), whether the
+    most suspicious strategy of the mark's class holds >= 90% of the images the mark caused at a
+    precision >= 80% and raised an alarm; per fold, whether any audit of its clean model did."""
+    from audit import ALARM
+    rows, clean = [], []
+    for fold in out["folds"]:
+        for r in fold["planted"]:
+            if not r["learnt"] or not r["caused"]:
+                continue
+            top = r["features"][kind]["top"]
+            rows.append({"fold": fold["fold"], "mark": r["mark"], "target": r["target"], "caused": r["caused"], **top,
+                         "found": top["recall"] >= 0.9 and top["precision_marked"] >= 0.8,
+                         "alarm": top["suspicion"] >= ALARM,
+                         "max_other": r["features"][kind]["max_other_suspicion"]})
+        worst = max(r["features"][kind]["max_suspicion"] for r in fold["clean"])
+        clean.append({"fold": fold["fold"], "max_suspicion": worst, "alarm": worst >= ALARM,
+                      "audits": len(fold["clean"])})
+    return {"planted": rows, "clean": clean}
+
+
+def report(out: dict) -> str:
+    """Markdown: per kind of map description, every learnt (mark, fold) and every clean fold."""
+    from audit import ALARM
+    lines = []
+    for kind in out["folds"][0]["planted"][0]["features"]:
+        s = summary(out, kind)
+        found, alarmed = sum(r["found"] for r in s["planted"]), sum(r["alarm"] and r["found"] for r in s["planted"])
+        false = sum(c["alarm"] for c in s["clean"])
+        lines += [f"### Map description: {kind}", "",
+                  f"Planted marks (a mark learnt on a fold; {len(s['planted'])} pairs): the most suspicious strategy of "
+                  f"the mark's class held >= 90% of the images the mark caused at >= 80% precision in {found}; "
+                  f"of those, {alarmed} raised the alarm (suspicion >= {ALARM}). Clean models: {false} of "
+                  f"{len(s['clean'])} folds raised an alarm.", "",
+                  "| fold | mark | class | caused | top strategy: images | recall | precision (marked) | "
+                  "precision (caused) | suspicion | alarm | highest other class's |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in s["planted"]:
+            lines.append(f"| {r['fold']} | {r['mark']} | {r['target']} | {r['caused']} | {r['n']} | {r['recall']:.2f} | "
+                         f"{r['precision_marked']:.2f} | {r['precision_caused']:.2f} | {r['suspicion']:.2f} | "
+                         f"{'yes' if r['alarm'] else 'no'} | {r['max_other']:.2f} |")
+        lines += ["", "| clean model, fold | audits (unmarked + one per mark) | highest suspicion | alarm |",
+                  "|---|---|---|---|"]
+        lines += [f"| {c['fold']} | {c['audits']} | {c['max_suspicion']:.2f} | {'yes' if c['alarm'] else 'no'} |"
+                  for c in s["clean"]]
+        lines.append("")
+    if "speed" in out:
+        sp = out["speed"]
+        lines.append(f"Speed: the audit of {sp['maps']} stored maps took {sp['seconds_audit_evidence']:.1f} s (evidence) "
+                     f"and {sp['seconds_audit_spray']:.1f} s (spray); computing the maps took {sp['seconds_maps']:.0f} s.")
+    return "\n".join(lines)

@@ -71,16 +71,19 @@ def case():
     return model, images, maps, classes, centres
 
 
-def test_the_hot_spot_is_the_connected_region_round_the_peak(monkeypatch):
+def test_the_hot_spot_is_every_pixel_near_the_peak_s_relevance(monkeypatch):
     monkeypatch.setattr(audit, "HOT", 0.5)
     m = torch.zeros(1, 28, 28)
     m[0, 5:10, 5:10] = 1.0     # the peak's region
-    m[0, 20:23, 20:23] = 0.9   # above half the peak, but apart from it
+    m[0, 20:23, 20:23] = 0.9   # above half the peak, apart from it: part of the spot too (a ring, two strokes)
     m[0, 14, 3] = 0.2          # below half
+    m[0, 2, 20] = -5.0         # negative relevance is not relevance for the class
     spot = audit.hot_spots(m)[0]
     expected = torch.zeros(28, 28, dtype=torch.bool)
     expected[5:10, 5:10] = True
     expected[[5, 5, 9, 9], [5, 9, 5, 9]] = False  # 3 px box smoothing: a corner keeps 4/9 of the peak, an edge 6/9
+    expected[20:23, 20:23] = True
+    expected[[20, 20, 22, 22], [20, 22, 20, 22]] = False  # corners: 4/9 x 0.9 = 0.4 < 0.5
     assert torch.equal(spot, expected)
 
 
@@ -197,3 +200,34 @@ def test_filling_a_window_round_each_region_equals_road_on_the_whole_image():
     assert torch.allclose(ours[:5], impute(x[:5], regions[:5], noise=0, seeds=None, tol=1e-12), atol=1e-9)
     assert torch.equal(ours[5], x[5])
     assert torch.equal(ours[~regions[:, None].expand_as(x)], x[~regions[:, None].expand_as(x)])
+
+
+def test_the_stored_audit_is_the_audit(case, tmp_path):
+    """as_rows + ExplanationDB.add_audit/audit: every map's stored strategy is the one audit_maps put
+    it in, ranks run from the most suspicious within each class, exemplars are the strategy's own."""
+    from audit_run import as_rows
+    from db import ExplanationDB
+    model, images, maps, classes, centres = case
+    found = audit.audit_maps(model, model.layer, images, maps, classes, list(range(len(maps))))
+    with ExplanationDB(tmp_path / "a.db") as db:
+        m, s = db.add_model("0" * 64, "dot", {}), db.add_setting("handmade", {})
+        ids = db.add_samples(dataset="d", size=28, split="test", indices=np.arange(78), labels=classes.numpy())
+        db.add_attributions(model_id=m, setting_id=s, sample_ids=ids, targets=classes.numpy(),
+                            predicted=classes.numpy(), confidence=np.ones(78), maps=maps.numpy())
+        rows = db.maps(setting_id=s)
+        strategies, members = as_rows(found, rows["attribution_id"])
+        db.add_audit(model_id=m, setting_id=s, dataset="d", size=28, split="test", params={}, strategies=strategies,
+                     members=members)
+        got = db.audit(model_id=m, setting_id=s, dataset="d", size=28, split="test")
+    by_id = {t["id"]: t for t in got["strategies"]}
+    flat = found.flat()
+    for index, sid in zip(got["members"]["index"].tolist(), got["members"]["strategy_id"].tolist()):
+        t, want = by_id[sid], flat[found.member_of[index]]
+        assert (t["class"], t["n"]) == (want.cls, want.n) and index in want.members.tolist()
+        assert set(t["exemplars"]) <= set(rows["attribution_id"][want.members].tolist())
+    for c in (0, 1):
+        ranked = [t for t in got["strategies"] if t["class"] == c]
+        assert [t["rank"] for t in ranked] == list(range(1, len(ranked) + 1))
+        assert all(a["suspicion"] >= b["suspicion"] for a, b in zip(ranked, ranked[1:]))
+    dot = max(got["strategies"], key=lambda t: t["suspicion"])
+    assert dot["class"] == 1 and dot["rank"] == 1 and dot["n"] == 24 and dot["suspicion"] >= audit.ALARM
