@@ -19,14 +19,15 @@ peak. Per map:
 - causal test: the hot spot, grown by a pixel, is filled by ROAD's noisy linear imputation (road.py),
   which carries no information about what was there; does the prediction change? Control: the same
   shape moved to another place of the same image;
-- content: the hot spot's mean colour and texture against the same shape elsewhere in the images of
-  the class: atypical where one statistic lies more than ATYPICAL robust z-scores (median, MAD) from
-  the class's tissue.
+- content: the hot spot's relevance-weighted mean colour and texture against the same weights moved
+  elsewhere, over the images of its class and over all images: atypical (unlike tissue) where one
+  statistic lies more than ATYPICAL robust z-scores (median, MAD) from both.
 Per strategy: the share of its maps that change prediction with their hot spot filled and with the
 moved control filled, the share atypical, the median hot-spot area and the share of relevance in it.
 Its **suspicion** is (flip - control flip, at least 0) x atypical share: a shortcut is something in
-a small place, unlike tissue, that decides the prediction. ALARM is the level at which the report
-and bench/bench.py audit raise an alarm.
+a small place, unlike tissue, that decides the prediction. A class's strategies are ranked by
+suspicion x sqrt(maps) (evidence()); a strategy of at least MIN_ALARM maps whose suspicion reaches
+ALARM raises an alarm (alarmed(), in the report and bench/bench.py audit).
 """
 from __future__ import annotations
 
@@ -40,12 +41,13 @@ import torch.nn.functional as F
 from data import normalize
 from road import NOISE, impute
 
-HOT = 0.3          # a hot spot: connected pixels round the peak at >= HOT x the peak's smoothed relevance
-ATYPICAL = 3.0     # robust z-score beyond which a hot spot's colour or texture is not the class's tissue
+HOT = 0.3          # a hot spot: the pixels at >= HOT x the peak's smoothed positive relevance
+ATYPICAL = 3.0     # robust z-score beyond which a hot spot's colour or texture is not tissue
 ALARM = 0.2        # suspicion at which a strategy is flagged as a likely shortcut (chosen on fold 0 of bench/bench.py audit)
+MIN_ALARM = 5      # ... if it has at least this many maps (one or two maps decide nothing about a model)
 K_MAX = 8          # at most this many strategies per class (chosen by the eigengap)
 NEIGHBOURS = 10    # of the k-nearest-neighbour graph the clustering cuts
-JOINED = 0.1      # clusters whose graph conductance is above this are one strategy (merge_overlapping)
+JOINED = 0.1       # clusters whose graph conductance is above this are one strategy (merge_overlapping)
 MIN_CLUSTERED = 2 * NEIGHBOURS  # a class with fewer maps is one strategy
 GROW = 1           # px (at 28) the hot spot is grown by before it is filled, to take its edges too
 TOL = 1e-4         # the causal test's imputation: relative residual of its conjugate gradients (ROAD's: 1e-7)
@@ -59,7 +61,7 @@ class Strategy:
     members: np.ndarray           # indices into the audited maps
     flip: float                   # share whose prediction changes when the hot spot is filled
     control_flip: float           # ... when the same shape elsewhere is filled
-    atypical: float               # share whose hot spot is unlike the class's tissue
+    atypical: float               # share whose hot spot is unlike tissue (its class's and all images')
     area: float                   # median hot-spot area, share of the image
     concentration: float          # median share of the positive relevance inside the hot spot
     prob_drop: float              # mean fall of the class's probability with the hot spot filled
@@ -75,12 +77,27 @@ class Strategy:
 
     @property
     def alarm(self) -> bool:
-        return self.suspicion >= ALARM
+        return alarmed(self.suspicion, self.n)
+
+    @property
+    def evidence(self) -> float:
+        return evidence(self.suspicion, self.n)
+
+
+def alarmed(suspicion: float, n: int) -> bool:
+    """The alarm rule: suspicion at least ALARM, over at least MIN_ALARM maps."""
+    return suspicion >= ALARM and n >= MIN_ALARM
+
+
+def evidence(suspicion: float, n: int) -> float:
+    """What strategies are ranked by: suspicion x sqrt(n). An effect seen on more maps is better
+    evidence (as a mean's z grows with sqrt(n)): a pure handful does not outrank a large group."""
+    return suspicion * float(np.sqrt(n))
 
 
 @dataclass
 class Audit:
-    strategies: dict[int, list[Strategy]]   # class -> strategies, most suspicious first
+    strategies: dict[int, list[Strategy]]   # class -> strategies, the best evidence of a shortcut first
     member_of: np.ndarray                   # (N,) index into flat(), -1 where not audited
     per_map: dict[str, np.ndarray]          # flip, control_flip, atypical, area, concentration, prob_drop
     features: str
@@ -334,6 +351,8 @@ def audit_maps(model, layer, images: torch.Tensor, maps: torch.Tensor, classes, 
     if not (len(images) == len(maps) == len(classes) == len(seeds)):
         raise ValueError(f"audit: {len(images)} images, {len(maps)} maps, {len(classes)} classes and {len(seeds)} "
                          "seeds; expected one of each per map")
+    if features not in FEATURES:
+        raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
     if images.shape[-2:] != maps.shape[-2:]:
         raise ValueError(f"audit: maps of {tuple(maps.shape[-2:])} px for images of {tuple(images.shape[-2:])} px")
     spot = hot_spots(maps)
@@ -371,7 +390,7 @@ def audit_maps(model, layer, images: torch.Tensor, maps: torch.Tensor, classes, 
                 area=float(np.median(area[members])), concentration=float(np.median(concentration[members])),
                 prob_drop=float(drop[members].mean()),
                 exemplars=members[np.argsort(-(vectors[members] @ centre), kind="stable")[:n_exemplars]]))
-        per_class[c] = sorted(found, key=lambda s: (-s.suspicion, -s.flip, -s.n))
+        per_class[c] = sorted(found, key=lambda s: (-s.evidence, -s.flip, -s.n))
     result = Audit(per_class, member_of, {
         "flip": flip, "control_flip": control_flip, "atypical": atypical, "z_class": z_class, "z_all": z_all,
         "area": area, "concentration": concentration, "prob_drop": drop}, features)

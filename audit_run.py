@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from attribution import map_seeds
-from audit import ALARM, Audit, audit_maps
+from audit import ALARM, MIN_ALARM, Audit, alarmed, audit_maps, evidence
 
 
 def as_rows(found: Audit, attribution_ids: np.ndarray) -> tuple[list[dict], dict[str, np.ndarray]]:
@@ -51,7 +51,7 @@ def run_audit(store, model, layer, images: torch.Tensor, indices, settings: dict
         seeds = map_seeds(dataset, split, index, rows["target"][own])
         found = audit_maps(model, layer, images[torch.from_numpy(index)], maps, rows["predicted"][own], seeds, features)
         strategies, members = as_rows(found, rows["attribution_id"][own])
-        store.add_audit(setting_id, {"features": features, "alarm": ALARM}, strategies, members)
+        store.add_audit(setting_id, {"features": features, "alarm": ALARM, "min_alarm": MIN_ALARM}, strategies, members)
         out[method] = store.audit(setting_id)
         print(f"audit ({method}): {int(own.sum())} maps, {len(strategies)} strategies in "
               f"{len(found.strategies)} classes, {time.perf_counter() - t0:.1f} s")
@@ -67,12 +67,12 @@ def describe(s: dict, class_names) -> str:
 
 
 def print_audit(audits: dict[str, dict], class_names) -> None:
-    """Per method: the alarms (suspicion >= audit.ALARM), else the most suspicious strategy."""
+    """Per method: the alarms (audit.alarmed), else the most suspicious strategy."""
     for method, a in audits.items():
-        ranked = sorted(a["strategies"], key=lambda s: -s["suspicion"])
-        alarms = [s for s in ranked if s["suspicion"] >= ALARM]
+        ranked = sorted(a["strategies"], key=lambda s: -evidence(s["suspicion"], s["n"]))
+        alarms = [s for s in ranked if alarmed(s["suspicion"], s["n"])]
+        level = f"the alarm level (suspicion {ALARM} over at least {MIN_ALARM} maps)"
         print(f"shortcut audit ({method}, {a['n_maps']} maps): "
-              + (f"{len(alarms)} strategy(ies) at or above the alarm level {ALARM}:" if alarms else
-                 f"no strategy reaches the alarm level {ALARM}; the most suspicious:"))
+              + (f"{len(alarms)} strategy(ies) at {level}:" if alarms else f"no strategy reaches {level}; the most suspicious:"))
         for s in alarms or ranked[:1]:
             print(f"  suspicion {s['suspicion']:.2f}: {describe(s, class_names)}")

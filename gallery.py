@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from attribution import METHODS
-from audit import ALARM
+from audit import ALARM, MIN_ALARM, alarmed, evidence
 
 ZOOM = 3  # on-screen pixels per image pixel at 28 px (pixelated, so the tissue's texture stays visible)
 
@@ -187,7 +187,7 @@ def report_html(db, model_id: int, dataset: str, size: int, split: str, images: 
                "methods": list(settings), "metrics": metric_names, "cards": [cards[k] for k in order],
                "labels": {n: metric_text(n) for n in names},
                "strategies": audit_payload(audits, settings, {k: pos for pos, k in enumerate(order)}),
-               "alarm": ALARM}
+               "alarm": ALARM, "min_alarm": MIN_ALARM}
     figs = "".join(f'<figure><img alt="{html.escape(p.stem)}" src="{data_uri(Image.open(p).convert("RGB"), "PNG")}">'
                    f"<figcaption>{html.escape(FIGURE_TEXT.get(p.stem, p.name))}</figcaption></figure>"
                    for p in figures if Path(p).exists())
@@ -201,20 +201,21 @@ def report_html(db, model_id: int, dataset: str, size: int, split: str, images: 
 
 def audit_payload(audits: dict[str, dict], settings: dict[str, dict], position: dict) -> list[dict]:
     """The stored audits' strategies for the page: per strategy its numbers, its verdict and its
-    exemplars as atlas positions of their cards, classes with the most suspicious strategy first."""
+    exemplars as atlas positions of their cards; classes whose first strategy has the best evidence of
+    a shortcut (audit.evidence) first, each class's strategies in their rank."""
     out = []
     for method, a in audits.items():
         r = settings[method]
         key = dict(zip(r["attribution_id"].tolist(), zip(r["index"].tolist(), r["target"].tolist())))
         worst = {}
         for s in a["strategies"]:
-            worst[s["class"]] = max(worst.get(s["class"], 0.0), s["suspicion"])
+            worst[s["class"]] = max(worst.get(s["class"], 0.0), evidence(s["suspicion"], s["n"]))
         for s in sorted(a["strategies"], key=lambda s: (-worst[s["class"]], s["class"], s["rank"])):
             out.append({"id": s["id"], "method": method, "cls": s["class"], "rank": s["rank"], "n": s["n"],
                         "suspicion": round(s["suspicion"], 3), "flip": round(s["flip"], 3),
                         "control": round(s["control_flip"], 3), "atypical": round(s["atypical"], 3),
                         "area": round(s["area"], 4), "concentration": round(s["concentration"], 3),
-                        "drop": round(s["prob_drop"], 3),
+                        "drop": round(s["prob_drop"], 3), "alarm": alarmed(s["suspicion"], s["n"]),
                         "exemplars": [position[key[e]] for e in s["exemplars"] if e in key]})
     return out
 

@@ -16,7 +16,7 @@ predicted class, then audited as explain.py --audit audits stored maps.
   predicted as the mark's class and the same image without it is not. The audit's most suspicious
   strategy of the mark's class is scored by recall (the share of the caused images it holds) and
   precision (the share of its images that carry the mark; the stricter share that the mark caused is
-  reported too), and whether it raised an alarm (suspicion >= audit.ALARM).
+  reported too), and whether it raised an alarm (audit.alarmed: suspicion >= 0.2 over >= 5 images).
 - Clean models: one audit of the unmarked fold and one per mark's selection: the highest suspicion
   of any strategy of any class, and whether it raised an alarm (a false alarm: nothing was learnt).
 Both kinds of map description (audit.FEATURES) are audited on the same maps.
@@ -198,35 +198,40 @@ def summary(out: dict, kind: str = "evidence") -> dict:
     """The issue's two figures for one kind of map description: per learnt (mark, fold), whether the
     most suspicious strategy of the mark's class holds >= 90% of the images the mark caused at a
     precision >= 80% and raised an alarm; per fold, whether any audit of its clean model did."""
-    from audit import ALARM
+    from audit import MIN_ALARM, alarmed, evidence
     rows, clean = [], []
     for fold in out["folds"]:
         for r in fold["planted"]:
             if not r["learnt"] or not r["caused"]:
                 continue
-            top = r["features"][kind]["top"]
+            # The mark's class's first strategy, ranked as audit.py ranks them (from the stored counts).
+            mine = [s for s in r["features"][kind]["strategies"] if s["cls"] == r["target"]]
+            best = max(mine, key=lambda s: evidence(s["suspicion"], s["n"]))
+            top = {"n": best["n"], "suspicion": best["suspicion"], "recall": best["caused"] / r["caused"],
+                   "precision_marked": best["marked"] / best["n"], "precision_caused": best["caused"] / best["n"]}
             rows.append({"fold": fold["fold"], "mark": r["mark"], "target": r["target"], "caused": r["caused"], **top,
                          "found": top["recall"] >= 0.9 and top["precision_marked"] >= 0.8,
-                         "alarm": top["suspicion"] >= ALARM,
-                         "max_other": r["features"][kind]["max_other_suspicion"]})
-        worst = max(r["features"][kind]["max_suspicion"] for r in fold["clean"])
-        clean.append({"fold": fold["fold"], "max_suspicion": worst, "alarm": worst >= ALARM,
-                      "audits": len(fold["clean"])})
+                         "alarm": alarmed(top["suspicion"], top["n"]),
+                         "max_other": max([s["suspicion"] for s in r["features"][kind]["strategies"]
+                                           if s["cls"] != r["target"] and s["n"] >= MIN_ALARM] or [0.0])})
+        strategies = [s for r in fold["clean"] for s in r["features"][kind]["strategies"]]
+        clean.append({"fold": fold["fold"], "max_suspicion": max(s["suspicion"] for s in strategies if s["n"] >= MIN_ALARM),
+                      "alarm": any(alarmed(s["suspicion"], s["n"]) for s in strategies), "audits": len(fold["clean"])})
     return {"planted": rows, "clean": clean}
 
 
 def report(out: dict) -> str:
     """Markdown: per kind of map description, every learnt (mark, fold) and every clean fold."""
-    from audit import ALARM
+    from audit import ALARM, MIN_ALARM
     lines = []
     for kind in out["folds"][0]["planted"][0]["features"]:
         s = summary(out, kind)
         found, alarmed = sum(r["found"] for r in s["planted"]), sum(r["alarm"] and r["found"] for r in s["planted"])
         false = sum(c["alarm"] for c in s["clean"])
         lines += [f"### Map description: {kind}", "",
-                  f"Planted marks (a mark learnt on a fold; {len(s['planted'])} pairs): the most suspicious strategy of "
+                  f"Planted marks (a mark learnt on a fold; {len(s['planted'])} pairs): the first strategy (by suspicion x sqrt(images)) of "
                   f"the mark's class held >= 90% of the images the mark caused at >= 80% precision in {found}; "
-                  f"of those, {alarmed} raised the alarm (suspicion >= {ALARM}). Clean models: {false} of "
+                  f"of those, {alarmed} raised the alarm (suspicion >= {ALARM} over >= {MIN_ALARM} images). Clean models: {false} of "
                   f"{len(s['clean'])} folds raised an alarm.", "",
                   "| fold | mark | class | caused | top strategy: images | recall | precision (marked) | "
                   "precision (caused) | suspicion | alarm | highest other class's |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -244,3 +249,66 @@ def report(out: dict) -> str:
         lines.append(f"Speed: the audit of {sp['maps']} stored maps took {sp['seconds_audit_evidence']:.1f} s (evidence) "
                      f"and {sp['seconds_audit_spray']:.1f} s (spray); computing the maps took {sp['seconds_maps']:.0f} s.")
     return "\n".join(lines)
+
+
+def figure(real: Path, models: str, path: Path, fold: int = 0, k: int = 5, n_show: int = 4) -> Path:
+    """One row per audit of `fold` (from the maps kept with the models): each planted mark's class's
+    most suspicious strategy, then the clean model's most suspicious strategy of any class on the
+    unmarked images; each with n_show of its exemplars (image, then its map with the hot spot outlined)."""
+    import textwrap
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import planted
+    from audit import audit_maps, grow, hot_spots
+    from data import PATHMNIST_CLASSES, normalize
+    from figures import save_figure
+    from model import GRADCAM_LAYERS, predict
+    data, images, labels, train_idx, val_idx, test_idx, Split = planted._fold_data(real, k, fold)
+    refs = normalize(images[train_idx]).contiguous(memory_format=torch.channels_last)
+    seeds = np.array([int(i) * 1009 + 7 for i in range(len(labels))])
+    rows = []
+    for group in (*range(len(planted.GROUPS)), -1):
+        net = planted._load(str(Path(models) / f"fold{fold}-group{group}.pt"))
+        layer = net.get_submodule(GRADCAM_LAYERS["lightcnn"])
+        base_pred = predict(net, images, 256, "cpu", data.task).argmax(1)
+        marks = list(planted.GROUPS[group]) if group >= 0 else [None]
+        of = explained(net, refs, images, base_pred, labels, seeds, marks, fold,
+                       Path(models) / f"maps-fold{fold}-group{group}.pt", data.task, {})
+        for mark in marks:
+            x, pred, maps, carries = of(mark)
+            found = audit_maps(net, layer, x, maps, pred, seeds)
+            if mark is None:
+                top = max(found.flat(), key=lambda s: s.suspicion)
+                title = "model trained without marks, unmarked images"
+            else:
+                c = planted.target_class(fold, group, planted.GROUPS[group].index(mark))
+                top = found.strategies[c][0]
+                if (carries & (pred == c) & (base_pred != c)).sum() < planted.MIN_CAUSED:
+                    continue  # the mark decided (almost) nothing here: not learnt
+                title = f"planted: {mark}"
+            show = top.exemplars[:n_show]
+            rows.append((title, top, PATHMNIST_CLASSES[top.cls], x[show], maps[show]))
+    fig = plt.figure(figsize=(1.25 * 2 * n_show, 1.6 * len(rows) + 0.5), layout="constrained")
+    for sub, (title, s, cls, x, m) in zip(fig.subfigures(len(rows), 1), rows):
+        axes = sub.subplots(1, 2 * n_show)
+        spot = grow(hot_spots(m), 1)
+        for j in range(n_show):
+            a, b = axes[2 * j], axes[2 * j + 1]
+            if j < len(x):
+                a.imshow(x[j].permute(1, 2, 0).numpy(), interpolation="nearest")
+                lim = max(float(m[j].clamp(min=0).max()), 1e-12)
+                b.imshow(m[j].clamp(min=0).numpy(), cmap="Reds", vmin=0, vmax=lim, interpolation="nearest")
+                b.contour(spot[j].numpy(), levels=[0.5], colors="black", linewidths=0.6)
+            a.set_xticks([]), a.set_yticks([]), b.set_xticks([]), b.set_yticks([])
+            a.axis("off" if j >= len(x) else "on"), b.axis("off" if j >= len(x) else "on")
+        verdict = "ALARM" if s.alarm else "no alarm"
+        sub.suptitle(textwrap.fill(
+            f"{title} | predicted {cls}, {s.n} images: filling the spot changes {100 * s.flip:.0f}% "
+            f"(elsewhere {100 * s.control_flip:.0f}%), unlike tissue {100 * s.atypical:.0f}% | suspicion "
+            f"{s.suspicion:.2f}: {verdict}", 110), fontsize=7, x=0.02, ha="left")
+    return save_figure(fig, path, f"The shortcut audit on fold {fold} of the planted-mark models (real tissue, "
+                       "LightCNN): per audit the most suspicious strategy, four of its images and their maps "
+                       "(hot spot outlined)")

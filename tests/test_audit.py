@@ -228,6 +228,7 @@ def test_the_stored_audit_is_the_audit(case, tmp_path):
     for c in (0, 1):
         ranked = [t for t in got["strategies"] if t["class"] == c]
         assert [t["rank"] for t in ranked] == list(range(1, len(ranked) + 1))
-        assert all(a["suspicion"] >= b["suspicion"] for a, b in zip(ranked, ranked[1:]))
+        assert all(audit.evidence(a["suspicion"], a["n"]) >= audit.evidence(b["suspicion"], b["n"])
+                   for a, b in zip(ranked, ranked[1:]))
     dot = max(got["strategies"], key=lambda t: t["suspicion"])
     assert dot["class"] == 1 and dot["rank"] == 1 and dot["n"] == 24 and dot["suspicion"] >= audit.ALARM

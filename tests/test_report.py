@@ -12,7 +12,7 @@ from PIL import Image
 
 import data as D
 import explain as X
-from audit import ALARM
+from audit import alarmed, evidence
 import model as M
 from db import ExplanationDB
 
@@ -116,11 +116,14 @@ def test_the_audit_section_shows_every_stored_strategy_the_most_suspicious_class
     assert len(audits) == 2 and sum(a["n_maps"] for a in audits) == 4000  # both methods, every map
     dom, log = browse(page)
     assert 'data-errors=""' in dom, log[-2000:]
-    boxes = re.findall(r'<div class="strategy( alarm| look)?" data-strategy="(\d+)" data-suspicion="([\d.e-]+)"', dom)
+    boxes = re.findall(r'<div class="strategy( alarm| look)?" data-strategy="(\d+)" data-suspicion="([\d.e-]+)" '
+                       r'data-n="(\d+)"', dom)
     assert sorted(int(b[1]) for b in boxes) == sorted(s["id"] for s in strategies)
-    assert float(boxes[0][2]) == pytest.approx(max(s["suspicion"] for s in strategies), abs=1e-3)
-    for kind, sid, value in boxes:  # each verdict is the one its suspicion earns
-        assert (kind == " alarm") == (float(value) >= ALARM)
+    by_id = {s["id"]: s for s in strategies}
+    strength = lambda s: evidence(s["suspicion"], s["n"])
+    assert strength(by_id[int(boxes[0][1])]) == pytest.approx(max(map(strength, strategies)))  # the strongest first
+    for kind, sid, value, n in boxes:  # each verdict is the one its suspicion and size earn
+        assert (kind == " alarm") == alarmed(float(value), int(n))
 
 
 def test_a_strategy_link_shows_exactly_its_images(report):
