@@ -19,7 +19,7 @@ peak. Per map:
 - causal test: the hot spot, grown by a pixel, is filled by ROAD's noisy linear imputation (road.py),
   which carries no information about what was there; does the prediction change? Control: the same
   shape moved to another place of the same image;
-- content: the hot spot's relevance-weighted mean colour and texture against the same weights moved
+- content: the hot spot's relevance-weighted mean colour, chromaticity and texture against the same weights moved
   elsewhere, over the images of its class and over all images: atypical (unlike tissue) where one
   statistic lies more than ATYPICAL robust z-scores (median, MAD) from both.
 Per strategy: the share of its maps that change prediction with their hot spot filled and with the
@@ -169,8 +169,10 @@ def moved(masks: torch.Tensor, seeds) -> torch.Tensor:
 
 
 def content(images: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """(N, 4): the weighted mean R, G, B (0-1) of each image and of its texture, the absolute
-    Laplacian of the grey image. images: uint8 (N, C, H, W); weights: (N, H, W), >= 0."""
+    """(N, 6): the weighted means of each image's R, G, B (0-1), of its texture (the absolute
+    Laplacian of the grey image) and of its chromaticity R - G and B - G (a yellow-brown cast or a
+    green ink is off H&E's pink-purple axis even where its brightness is not).
+    images: uint8 (N, C, H, W); weights: (N, H, W), >= 0."""
     x = images.float() / 255
     x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
     grey = x.mean(1, keepdim=True)
@@ -178,7 +180,8 @@ def content(images: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     texture = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), lap).abs()
     w = weights.float()[:, None]
     total = w.sum((2, 3)).clamp(min=1e-12)
-    return torch.cat([(x * w).sum((2, 3)) / total, (texture * w).sum((2, 3)) / total], 1)
+    chroma = torch.stack([x[:, 0] - x[:, 1], x[:, 2] - x[:, 1]], 1)  # H&E is pink to purple: R and B above G
+    return torch.cat([(x * w).sum((2, 3)), (texture * w).sum((2, 3)), (chroma * w).sum((2, 3))], 1) / total
 
 
 def robust_z(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
