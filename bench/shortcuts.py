@@ -7,18 +7,21 @@ learnt one?
 
 The models are bench/planted.py's (the 718 real test-split images, 5 stratified folds, seed 0, three
 LightCNNs per fold trained with train.py's defaults: one on clean images, two with four kinds of mark
-each drawn on every training image of the mark's class). The audited selection is the held-out fold
-as a lab would meet it: the mark drawn on a seeded SHARE of the images of *every* class, as pen marks
-are on some slides and not others. Every image is explained with explain.py's default method at its
-predicted class, then audited as explain.py --audit audits stored maps.
+each drawn on every training image of the mark's class). The audited selection is all 718 images as
+a lab would meet them: the mark drawn on a seeded SHARE of the images of *every* class, as pen marks
+are on some slides and not others. (A held-out fold has some 16 images per class, too few to group
+into strategies; the fold's training images never carried a mark outside its class, so a mark that
+turns one of them to the mark's class is the shortcut at work there too.) Every image is explained
+with explain.py's default method at its predicted class, then audited as explain.py --audit audits
+stored maps.
 
 - Planted models, one audit per mark: the mark *caused* a prediction where the marked image is
-  predicted as the mark's class and the same image without it is not. The audit's most suspicious
-  strategy of the mark's class is scored by recall (the share of the caused images it holds) and
+  predicted as the mark's class and the same image without it is not. The audit's first strategy of
+  the mark's class (ranked by suspicion x sqrt(images), audit.evidence) is scored by recall (the share of the caused images it holds) and
   precision (the share of its images that carry the mark; the stricter share that the mark caused is
   reported too), and whether it raised an alarm (audit.alarmed: suspicion >= 0.2 over >= 5 images).
-- Clean models: one audit of the unmarked fold and one per mark's selection: the highest suspicion
-  of any strategy of any class, and whether it raised an alarm (a false alarm: nothing was learnt).
+- Clean models: one audit of the unmarked images and one per mark's selection: the highest suspicion
+  of any strategy of any class, and whether one raised an alarm (a false alarm: no mark was learnt).
 Both kinds of map description (audit.FEATURES) are audited on the same maps.
 """
 from __future__ import annotations
@@ -31,12 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SHARE = 0.3    # of each class's held-out images carry the mark
+SHARE = 0.3    # of each class's images carry the mark
 ENTRY = "Blur IG × Grad-CAM"  # explain.py's default method (bench/xai.py's name for it)
 
 
 def carriers(labels: np.ndarray, mark: str, fold: int) -> np.ndarray:
-    """bool per held-out image: a seeded SHARE of every class's images carries the mark."""
+    """bool per image: a seeded SHARE of every class's images carries the mark."""
     rng = np.random.default_rng([fold, sum(map(ord, mark))])
     out = np.zeros(len(labels), bool)
     for c in np.unique(labels):
