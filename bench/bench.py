@@ -339,7 +339,7 @@ def main() -> None:
     p.add_argument("--tmp", default="", help="folder for the temporary data and databases (a real disk)")
     p.add_argument("--rand-n", type=int, default=16, help="xai: images per fold for the randomisation checks")
     p.add_argument("--figure", default="", help="xai: also draw the ROAD curves into this PNG; "
-                   "planted: the marks and maps of --entries")
+                   "planted: the marks and maps of --entries; audit: fold 0's first strategies")
     p.add_argument("--entries", default="", help="xai, planted: only the entries whose name contains one of these "
                    "comma-separated words (case-insensitive), e.g. occlusion,Grad-CAM")
     p.add_argument("--workers", type=int, default=2, help="planted, audit: processes at once (one thread each)")
@@ -405,6 +405,8 @@ def main() -> None:
                                 models=args.models or "runs/planted-models")
         results["speed"] = shortcuts.speed(Path(args.real), args.models or "runs/planted-models", args.tmp)
         print(shortcuts.report(results))
+        if args.figure:  # images/audit_planted.png: fold 0's audits, from the maps kept with the models
+            print(f"wrote {shortcuts.figure(Path(args.real), args.models or 'runs/planted-models', Path(args.figure))}")
     elif args.mode == "trust":
         import firstrun
         print(f"machine: {machine()}", flush=True)
