@@ -99,8 +99,7 @@ def evidence(suspicion: float, n: int) -> float:
 class Audit:
     strategies: dict[int, list[Strategy]]   # class -> strategies, the best evidence of a shortcut first
     member_of: np.ndarray                   # (N,) index into flat(), -1 where not audited
-    per_map: dict[str, np.ndarray]          # flip, control_flip, atypical, area, concentration, prob_drop
-    features: str
+    per_map: dict[str, np.ndarray]          # flip, control_flip, atypical, z_class, z_all, area, concentration, prob_drop
 
     def flat(self) -> list[Strategy]:
         return [s for c in sorted(self.strategies) for s in self.strategies[c]]
@@ -130,42 +129,58 @@ def grow(masks: torch.Tensor, px: int) -> torch.Tensor:
     return F.max_pool2d(masks[:, None].float(), 2 * px + 1, 1, px)[:, 0].bool() if px else masks
 
 
-def shifts(masks: torch.Tensor, seeds) -> torch.Tensor:
-    """(N, 2) moves (dy, dx) that take each mask to another place of its image, whole inside it,
-    overlapping the original as little as a few seeded draws allow (0, 0 for an empty mask)."""
-    out = torch.zeros(len(masks), 2, dtype=torch.int64)
+def boxes(masks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each mask's bounding box: first and last row (y0, y1) and column (x0, x1), and whether it has
+    a pixel at all (an empty mask's box is meaningless)."""
+    rows, cols = masks.any(2), masks.any(1)
+    first = lambda a: a.float().argmax(1).long()
     h, w = masks.shape[-2:]
-    for i, (m, s) in enumerate(zip(masks, seeds)):
-        ys, xs = torch.nonzero(m, as_tuple=True)
-        if not len(ys):
-            continue
-        rng = np.random.default_rng(int(s))
-        y0, y1, x0, x1 = int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())
-        best = None
-        for _ in range(8):
-            dy, dx = int(rng.integers(-y0, h - y1)), int(rng.integers(-x0, w - x1))
-            overlap = int(m[ys + dy, xs + dx].sum())
-            if best is None or overlap < best[0]:
-                best = (overlap, dy, dx)
-            if overlap == 0:
-                break
-        out[i] = torch.tensor(best[1:])
-    return out
+    return first(rows), h - 1 - first(rows.flip(1)), first(cols), w - 1 - first(cols.flip(1)), rows.any(1)
+
+
+def uniforms(seeds, k: int) -> torch.Tensor:
+    """(N, k) float64 in [0, 1), k per seed from splitmix64 of (seed, j): each map's draws depend on
+    its own seed alone, whatever else is in the batch, and need no generator per map."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(seeds).astype(np.uint64)[:, None] * np.uint64(k) + np.arange(k, dtype=np.uint64)
+        z += np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) / 2.0 ** 53)
+
+
+def translate(a: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """(N, T, H, W): each (H, W) plane of `a` moved by each of its T moves (dy, dx: (N, T)), zeros
+    where a pixel comes from outside the image."""
+    n, h, w = a.shape
+    ys = torch.arange(h)[None, None, :, None] - dy[:, :, None, None]
+    xs = torch.arange(w)[None, None, None, :] - dx[:, :, None, None]
+    inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+    picked = a[torch.arange(n)[:, None, None, None], ys.clamp(0, h - 1), xs.clamp(0, w - 1)]
+    return torch.where(inside, picked, torch.zeros((), dtype=a.dtype))
+
+
+def shifts(masks: torch.Tensor, seeds, tries: int = 8, batch: int = 512) -> torch.Tensor:
+    """(N, 2) moves (dy, dx) that take each mask to another place of its image, whole inside it: of
+    `tries` seeded draws, the first that overlaps the original least ((0, 0) for an empty mask)."""
+    n, h, w = masks.shape
+    y0, y1, x0, x1, has = boxes(masks)
+    u = uniforms(seeds, 2 * tries).view(n, tries, 2)
+    dy = (u[..., 0] * (h - (y1 - y0))[:, None]).long() - y0[:, None]  # in [-y0, h - 1 - y1]
+    dx = (u[..., 1] * (w - (x1 - x0))[:, None]).long() - x0[:, None]
+    out = torch.zeros(n, 2, dtype=torch.int64)
+    for s in range(0, n, batch):  # batches bound the (batch, tries, H, W) candidates' memory
+        m = masks[s:s + batch]
+        overlap = (translate(m, dy[s:s + batch], dx[s:s + batch]) & m[:, None]).flatten(2).sum(2)
+        pick = overlap.argmin(1, keepdim=True)  # the first of the least overlapping
+        out[s:s + batch] = torch.cat([dy[s:s + batch].gather(1, pick), dx[s:s + batch].gather(1, pick)], 1)
+    return torch.where(has[:, None], out, 0)
 
 
 def shift(a: torch.Tensor, moves: torch.Tensor) -> torch.Tensor:
-    """Each (H, W) plane of a moved by its (dy, dx), zeros where it comes from outside the image."""
-    out = torch.zeros_like(a)
-    h, w = a.shape[-2:]
-    for i, (dy, dx) in enumerate(moves.tolist()):
-        out[i, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-            a[i, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
-    return out
-
-
-def moved(masks: torch.Tensor, seeds) -> torch.Tensor:
-    """The control regions: each mask's shape moved to another place of its image (shifts())."""
-    return shift(masks, shifts(masks, seeds))
+    """Each (H, W) plane of a moved by its (dy, dx) of moves (N, 2), zeros where it comes from outside."""
+    return translate(a, moves[:, :1], moves[:, 1:])[:, 0]
 
 
 def content(images: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -200,11 +215,8 @@ def fill(x: torch.Tensor, regions: torch.Tensor, seeds, tol: float = TOL, noise:
     input; regions: bool (N, H, W); an empty region leaves its image as it is."""
     n, c, h, w = x.shape
     out = x.clone()
-    rows_any, cols_any = regions.any(2), regions.any(1)
-    has = rows_any.any(1) & ~regions.flatten(1).all(1)
-    first = lambda a: a.float().argmax(1)
-    y0, y1 = first(rows_any), h - 1 - first(rows_any.flip(1))
-    x0, x1 = first(cols_any), w - 1 - first(cols_any.flip(1))
+    y0, y1, x0, x1, has = boxes(regions)
+    has &= ~regions.flatten(1).all(1)
     need = torch.maximum(y1 - y0, x1 - x0) + 3  # the extent plus a pixel of margin on each side
     side = torch.clamp(4 * torch.ceil(need / 4), max=min(h, w)).long()
     for s in torch.unique(side[has]).tolist():
@@ -220,21 +232,30 @@ def fill(x: torch.Tensor, regions: torch.Tensor, seeds, tol: float = TOL, noise:
 
 
 @torch.no_grad()
+def class_probability(model, images: torch.Tensor, classes: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    """(N,) the softmax probability of each image's class, images uint8 as the model sees them."""
+    device = next(model.parameters()).device
+    return torch.cat([torch.softmax(model(normalize(images[s:s + batch]).to(device).contiguous(
+        memory_format=torch.channels_last)).float(), 1).gather(1, classes[s:s + batch, None].to(device))[:, 0].cpu()
+        for s in range(0, len(images), batch)])
+
+
+@torch.no_grad()
 def causal_test(model, images: torch.Tensor, regions: torch.Tensor, classes: torch.Tensor, seeds,
-                batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Fill each region (fill()): does the prediction leave its class, and how much does the
-    class's probability fall? (bool (N,), float (N,)); an empty region changes nothing."""
-    flips, drops = [], []
+                before: torch.Tensor, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Fill each region (fill()): does the prediction leave its class, and how much does the class's
+    probability fall from `before` (class_probability of the unfilled images)? (bool (N,), float (N,));
+    an empty region changes nothing."""
+    flips, after = [], []
     device = next(model.parameters()).device
     for s in range(0, len(images), batch):
         x = normalize(images[s:s + batch]).to(device)
-        r, c = regions[s:s + batch].to(device), classes[s:s + batch].to(device)
-        filled = fill(x, r, seeds[s:s + batch])
-        p0 = torch.softmax(model(x.contiguous(memory_format=torch.channels_last)).float(), 1)
-        p1 = torch.softmax(model(filled.contiguous(memory_format=torch.channels_last)).float(), 1)
-        flips.append((p1.argmax(1) != c).cpu())
-        drops.append((p0.gather(1, c[:, None]) - p1.gather(1, c[:, None]))[:, 0].cpu())
-    return torch.cat(flips).numpy(), torch.cat(drops).numpy()
+        filled = fill(x, regions[s:s + batch].to(device), seeds[s:s + batch])
+        p = torch.softmax(model(filled.contiguous(memory_format=torch.channels_last)).float(), 1)
+        c = classes[s:s + batch].to(device)
+        flips.append((p.argmax(1) != c).cpu())
+        after.append(p.gather(1, c[:, None])[:, 0].cpu())
+    return torch.cat(flips).numpy(), (before - torch.cat(after)).numpy()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -366,8 +387,9 @@ def audit_maps(model, layer, images: torch.Tensor, maps: torch.Tensor, classes, 
     region = grow(spot, GROW * max(1, round(images.shape[-1] / 28)))
     moves = shifts(region, [s + 1 for s in seeds])
     control = shift(region, moves)
-    flip, drop = causal_test(model, images, region, classes, seeds)
-    control_flip, _ = causal_test(model, images, control, classes, [s + 2 for s in seeds])
+    before = class_probability(model, images, classes)
+    flip, drop = causal_test(model, images, region, classes, seeds, before)
+    control_flip, _ = causal_test(model, images, control, classes, [s + 2 for s in seeds], before)
     # What the hot spot holds, weighted by its relevance, against the same weights elsewhere in the
     # same images: unlike the tissue of its class *and* of the whole selection (ink is unlike any
     # tissue; the dark nuclei a class is recognised by are like the tissue of some class).
@@ -396,7 +418,7 @@ def audit_maps(model, layer, images: torch.Tensor, maps: torch.Tensor, classes, 
         per_class[c] = sorted(found, key=lambda s: (-s.evidence, -s.flip, -s.n))
     result = Audit(per_class, member_of, {
         "flip": flip, "control_flip": control_flip, "atypical": atypical, "z_class": z_class, "z_all": z_all,
-        "area": area, "concentration": concentration, "prob_drop": drop}, features)
+        "area": area, "concentration": concentration, "prob_drop": drop})
     for j, s in enumerate(result.flat()):
         member_of[s.members] = j
     return result

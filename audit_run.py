@@ -58,7 +58,7 @@ def run_audit(store, model, layer, images: torch.Tensor, indices, settings: dict
     return out
 
 
-def describe(s: dict, class_names) -> str:
+def in_words(s: dict, class_names) -> str:
     """One strategy in words, as the report's cards say it."""
     return (f"{s['n']} predictions of {class_names[s['class']]}: filling the map's hot spot "
             f"({100 * s['area']:.1f}% of the image, {100 * s['concentration']:.0f}% of the relevance) changes "
@@ -75,4 +75,4 @@ def print_audit(audits: dict[str, dict], class_names) -> None:
         print(f"shortcut audit ({method}, {a['n_maps']} maps): "
               + (f"{len(alarms)} strategy(ies) at {level}:" if alarms else f"no strategy reaches {level}; the most suspicious:"))
         for s in alarms or ranked[:1]:
-            print(f"  suspicion {s['suspicion']:.2f}: {describe(s, class_names)}")
+            print(f"  suspicion {s['suspicion']:.2f}: {in_words(s, class_names)}")

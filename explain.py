@@ -168,7 +168,8 @@ def run(cfg: ExplainConfig, device, rank: int = 0, world: int = 1) -> dict:
         print(f"shard {cfg.shard}: {len(idx)} of {n_selected} selected images")
         if cfg.figures or cfg.trust or cfg.audit:
             skipped = ["figures"] * cfg.figures + ["--trust"] * cfg.trust + ["--audit"] * cfg.audit
-            print(f"shard {cfg.shard}: {' and '.join([', '.join(skipped[:-1]), skipped[-1]] if len(skipped) > 1 else skipped)} "
+            skipped = ", ".join(skipped[:-1]) + " and " + skipped[-1] if len(skipped) > 1 else skipped[0]
+            print(f"shard {cfg.shard}: {skipped} "
                   "skipped, they need the whole selection: once every shard is done, run explain.py again "
                   "without --shard (it finds every map stored and only draws and measures)")
 

@@ -138,6 +138,8 @@ def report_html(db, model_id: int, dataset: str, size: int, split: str, images: 
     label = {sid: m if counts[m] == 1 else f"{m} ({sid})" for sid, m in found}
     settings = {label[sid]: db.maps(setting_id=sid, **where) for sid, _ in found}  # method label -> rows
     kinds = {label[sid]: m for sid, m in found}
+    card_of = {method: dict(zip(r["attribution_id"].tolist(), zip(r["index"].tolist(), r["target"].tolist())))
+               for method, r in settings.items()}  # method label -> attribution id -> its card's key
     cards: dict[tuple[int, int], dict] = {}
     for method, r in settings.items():
         for j, (i, t) in enumerate(zip(r["index"].tolist(), r["target"].tolist())):
@@ -145,8 +147,8 @@ def report_html(db, model_id: int, dataset: str, size: int, split: str, images: 
                                              "c": round(float(r["confidence"][j]), 4), "m": {}})
             card["m"][method] = {"slot": j}
     metric_names = []
-    for (sid, _), (method, r) in zip(found, settings.items()):
-        ids = dict(zip(r["attribution_id"].tolist(), zip(r["index"].tolist(), r["target"].tolist())))
+    for sid, _ in found:
+        method, ids = label[sid], card_of[label[sid]]
         for name in db.sample_metric_names(setting_id=sid, **where):
             v = db.sample_metrics(name, setting_id=sid, **where)
             metric_names.append(f"{method}:{name}")
@@ -154,15 +156,14 @@ def report_html(db, model_id: int, dataset: str, size: int, split: str, images: 
                 if a in ids and np.isfinite(value):
                     cards[ids[a]]["m"][method][name] = float(f"{value:.4g}")  # 4 significant digits: the sign of a small value stays
     audits = {}  # method label -> the stored shortcut audit of its maps (explain.py --audit)
-    for sid, m in found:
-        a = db.audit(model_id=model_id, setting_id=sid, dataset=dataset, size=size, split=split)
+    for sid, _ in found:
+        a = db.audit(setting_id=sid, **where)
         if a:
-            audits[label[sid]] = a
-            r = settings[label[sid]]
-            ids = dict(zip(r["attribution_id"].tolist(), zip(r["index"].tolist(), r["target"].tolist())))
+            method, ids = label[sid], card_of[label[sid]]
+            audits[method] = a
             for aid, strategy in zip(a["members"]["attribution_id"].tolist(), a["members"]["strategy_id"].tolist()):
                 if aid in ids:
-                    cards[ids[aid]]["m"][label[sid]]["s"] = strategy
+                    cards[ids[aid]]["m"][method]["s"] = strategy
     order = sorted(cards)  # the atlas position of each card: by image index, then target
     rgb = images.permute(0, 2, 3, 1).numpy()
     rgb = np.repeat(rgb, 3, -1) if rgb.shape[-1] == 1 else rgb
@@ -186,7 +187,7 @@ def report_html(db, model_id: int, dataset: str, size: int, split: str, images: 
     payload = {"classes": class_names, "size": size, "zoom": ZOOM if size <= 64 else 1, "columns": columns,
                "methods": list(settings), "metrics": metric_names, "cards": [cards[k] for k in order],
                "labels": {n: metric_text(n) for n in names},
-               "strategies": audit_payload(audits, settings, {k: pos for pos, k in enumerate(order)}),
+               "strategies": audit_payload(audits, card_of, {k: pos for pos, k in enumerate(order)}),
                "alarm": ALARM, "min_alarm": MIN_ALARM}
     figs = "".join(f'<figure><img alt="{html.escape(p.stem)}" src="{data_uri(Image.open(p).convert("RGB"), "PNG")}">'
                    f"<figcaption>{html.escape(FIGURE_TEXT.get(p.stem, p.name))}</figcaption></figure>"
@@ -199,14 +200,13 @@ def report_html(db, model_id: int, dataset: str, size: int, split: str, images: 
             .replace("{{data}}", json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")))
 
 
-def audit_payload(audits: dict[str, dict], settings: dict[str, dict], position: dict) -> list[dict]:
+def audit_payload(audits: dict[str, dict], card_of: dict[str, dict], position: dict) -> list[dict]:
     """The stored audits' strategies for the page: per strategy its numbers, its verdict and its
     exemplars as atlas positions of their cards; classes whose first strategy has the best evidence of
     a shortcut (audit.evidence) first, each class's strategies in their rank."""
     out = []
     for method, a in audits.items():
-        r = settings[method]
-        key = dict(zip(r["attribution_id"].tolist(), zip(r["index"].tolist(), r["target"].tolist())))
+        key = card_of[method]
         worst = {}
         for s in a["strategies"]:
             worst[s["class"]] = max(worst.get(s["class"], 0.0), evidence(s["suspicion"], s["n"]))

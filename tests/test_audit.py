@@ -97,7 +97,7 @@ def test_the_control_region_has_the_same_shape_elsewhere():
     m[0, 2:6, 3:8] = True
     m[1, 20:27, 10:12] = True
     m[2, 13, 13] = True
-    c = audit.moved(m, [1, 2, 3])
+    c = audit.shift(m, audit.shifts(m, [1, 2, 3]))
     for a, b in zip(m, c):
         ya, xa = torch.nonzero(a, as_tuple=True)
         yb, xb = torch.nonzero(b, as_tuple=True)
@@ -114,16 +114,18 @@ def test_filling_the_dot_changes_the_prediction_and_filling_elsewhere_does_not(c
     for s, (cy, cx) in zip(spots, centres):
         assert s[cy - 1:cy + 2, cx - 1:cx + 2].all()  # the grown hot spot covers the whole dot
     seeds = list(range(24))
-    flip, drop = audit.causal_test(model, images[dotted], spots, classes[dotted], seeds)
+    before = audit.class_probability(model, images[dotted], classes[dotted])
+    flip, drop = audit.causal_test(model, images[dotted], spots, classes[dotted], seeds, before)
     assert flip.all() and (drop > 0.9).all()
-    control, _ = audit.causal_test(model, images[dotted], audit.moved(spots, seeds), classes[dotted], seeds)
+    control, _ = audit.causal_test(model, images[dotted], audit.shift(spots, audit.shifts(spots, seeds)),
+                                   classes[dotted], seeds, before)
     assert not control.any()
 
 
 def test_content_flags_ink_and_not_tissue(case):
     model, images, maps, classes, centres = case
     spots = audit.grow(audit.hot_spots(maps), 1)
-    elsewhere = audit.moved(spots, list(range(len(maps))))
+    elsewhere = audit.shift(spots, audit.shifts(spots, list(range(len(maps)))))
     z = audit.robust_z(audit.content(images, spots), audit.content(images, elsewhere)[:54])
     assert (z[30:54] > audit.ATYPICAL).all()       # the dot: dark blue, unlike the pink tissue
     assert (z[:30] <= audit.ATYPICAL).float().mean() > 0.9  # the tissue's own hot spots: like the tissue
@@ -232,3 +234,15 @@ def test_the_stored_audit_is_the_audit(case, tmp_path):
                    for a, b in zip(ranked, ranked[1:]))
     dot = max(got["strategies"], key=lambda t: t["suspicion"])
     assert dot["class"] == 1 and dot["rank"] == 1 and dot["n"] == 24 and dot["suspicion"] >= audit.ALARM
+
+
+def test_a_map_s_control_place_depends_on_its_seed_alone():
+    """The control's move comes from the map's own seed: the same in any batch, and inside the image."""
+    g = torch.Generator().manual_seed(3)
+    m = audit.grow(audit.hot_spots(torch.rand(40, 28, 28, generator=g) ** 8), 1)
+    seeds = list(range(100, 140))
+    together = audit.shifts(m, seeds)
+    alone = torch.cat([audit.shifts(m[i:i + 1], seeds[i:i + 1]) for i in range(40)])
+    assert torch.equal(together, alone)
+    moved = audit.shift(m, together)
+    assert torch.equal(moved.sum((1, 2)), m.sum((1, 2)))  # nothing pushed out of the image
