@@ -313,5 +313,5 @@ def figure(real: Path, models: str, path: Path, fold: int = 0, k: int = 5, n_sho
             f"(elsewhere {100 * s.control_flip:.0f}%), unlike tissue {100 * s.atypical:.0f}% | suspicion "
             f"{s.suspicion:.2f}: {verdict}", 110), fontsize=7, x=0.02, ha="left")
     return save_figure(fig, path, f"The shortcut audit on fold {fold} of the planted-mark models (real tissue, "
-                       "LightCNN): per mark the first strategy of its class (last row: a model trained without "
-                       "marks, its most suspicious), four of its images and their maps (filled spot outlined)")
+                       "LightCNN):\nper mark the first strategy of its class (last row: a model trained without "
+                       "marks, its most suspicious),\nfour of its images and their maps (filled spot outlined)")
