@@ -159,6 +159,9 @@ def distributed(device: str = "auto") -> Iterator[tuple[torch.device, int, int]]
     torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     try:
         yield dev, torch.distributed.get_rank(), torch.distributed.get_world_size()
+        # All leave together: a rank that tears its group down while rank 0 still writes the
+        # outputs was seen to abort in gloo's shutdown (SIGABRT), failing the whole run.
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
