@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from model import predict
-from stain import CENTRE_LEVEL, LEVELS, perturb
+from stain import CENTRE_LEVEL, LAB_LEVEL, LEVELS, perturb
 
 
 def shift_table(accuracy, images: torch.Tensor, seed: int = 0) -> dict:
@@ -43,16 +43,19 @@ def stain_shift(model, images: torch.Tensor, labels: np.ndarray, batch_size: int
     clean = next(iter(table.values()))[0]
     return {"accuracy": table, "levels": {name: list(v) for name, v in LEVELS.items()}, "clean": clean,
             **summarise(table), "seed": seed, "n": int(len(labels)),
-            "centre_level": CENTRE_LEVEL, "hed_at_centre": table["hed"][CENTRE_LEVEL]}
+            "centre_level": CENTRE_LEVEL, "hed_at_centre": table["hed"][CENTRE_LEVEL],
+            "lab_level": LAB_LEVEL, "hed_uniform_at_lab": table["hed_uniform"][LAB_LEVEL]}
 
 
 def print_shift(result: dict) -> None:
     """The accuracy table: one row per perturbation, one column per severity, and its mean."""
     print(f"accuracy under stain and acquisition changes (n={result['n']}, seed {result['seed']}; "
-          f"clean {result['clean']:.4f}; HED level {result['centre_level']} = another centre)")
+          f"clean {result['clean']:.4f}; hed level {result['centre_level']} = another centre; hed_offset and "
+          f"hed_uniform level {result['lab_level']} = between laboratories, natural-log OD)")
     print(f"{'perturbation':16s} " + " ".join(f"{'level ' + str(k):>8s}" for k in range(6)) + "  mean 1-5   levels")
     for name, acc in result["accuracy"].items():
         print(f"{name:16s} " + " ".join(f"{a:8.4f}" for a in acc) + f"  {result['families'][name]:8.4f}   " +
               ", ".join(f"{v:g}" for v in result["levels"][name]))
     print(f"summary: mean accuracy over perturbations and levels 1-5 {result['summary']:.4f}; worst family "
-          f"{result['worst']} {result['worst_mean']:.4f}; HED at another centre {result['hed_at_centre']:.4f}")
+          f"{result['worst']} {result['worst_mean']:.4f}; HED at another centre {result['hed_at_centre']:.4f}; "
+          f"uniform HED at the inter-laboratory level {result['hed_uniform_at_lab']:.4f}")

@@ -163,6 +163,7 @@ def scores_of(net, test: Split, amp: str, task: str = "multi-class", k: int = 9,
                if "operating_point" in m else {}),
             "acc_tta": float((tta.argmax(1) == test.labels.numpy()).mean()),
             "hed_centre": shifted_table["hed"][CENTRE_LEVEL], "shift_mean": shifted["summary"],
+            "hed_uniform": shifted_table["hed_uniform"], "hed_offset": shifted_table["hed_offset"],
             "worst_mean": shifted["worst_mean"], "families": shifted["families"]}
 
 
