@@ -38,7 +38,7 @@ from metrics import compute_metrics, youden_threshold
 from model import build_model, predict
 from runtime import amp_dtype, autocast, set_seed
 from robustness import shift_table, summarise
-from stain import CENTRE_LEVEL, perturb
+from stain import CENTRE_LEVEL, LAB_LEVEL, perturb
 from stainnorm import fit as stain_fit
 from stainnorm import normalise as normalise_stain
 from training import (Recipe, make_ema, make_optimizer, make_scheduler, passes_per_epoch, seed_epoch, step_schedule,
@@ -257,6 +257,7 @@ def report(out: dict) -> None:
             diff = f"{m:+.3f} [{m - h:+.3f}, {m + h:+.3f}]"
         print(f"| {name} | {cell('acc')} | {cell('acc_tta')} | {cell('auc')} | {cell('hed_centre')} | {cell('shift_mean')} | "
               f"{worst_family(runs)} | {diff} | {out['seconds'][name] / 60:.1f} |")
+    print_hed_levels(res)
     families = {name: family_means(runs) for name, runs in res.items() if "families" in runs[0]}
     if families:
         print("\nmean accuracy over severities 1-5 of each perturbation family (mean over runs):")
@@ -278,6 +279,27 @@ def report(out: dict) -> None:
             print(f"  {name:14s} sensitivity {stat('sensitivity')}, specificity {stat('specificity')} "
                   "(cancer = adenocarcinoma epithelium, at MedMNIST's 0.5 threshold); at the threshold chosen on "
                   f"validation: {stat('sensitivity_val_threshold')}, {stat('specificity_val_threshold')}")
+
+
+def print_hed_levels(res: dict) -> None:
+    """Per recipe, accuracy under uniform and exact HED offsets at each level (level 4: between
+    laboratories, stain.LAB_LEVEL) minus its own clean accuracy, paired over the runs; and each
+    recipe's clean accuracy minus the first recipe's."""
+    ours = {name: runs for name, runs in res.items() if "hed_uniform" in runs[0]}
+    if not ours:
+        return
+    print(f"\nHED offsets, accuracy - clean accuracy [95% CI] per level (level {LAB_LEVEL}: between laboratories):")
+    for name, runs in ours.items():
+        for fam in ("hed_uniform", "hed_offset"):
+            cells = []
+            for level in range(1, 6):
+                m, h = paired([r[fam][level] for r in runs], [r["acc"] for r in runs])
+                cells.append(f"{np.mean([r[fam][level] for r in runs]):.3f} ({m:+.3f} [{m - h:+.3f}, {m + h:+.3f}])")
+            print(f"  {name:10s} {fam:12s} " + " | ".join(cells))
+    first, *others = ours
+    for name in others:
+        m, h = paired([r["acc"] for r in ours[name]], [r["acc"] for r in ours[first]])
+        print(f"  clean accuracy, {name} - {first}: {m:+.3f} [{m - h:+.3f}, {m + h:+.3f}]")
 
 
 def family_means(runs: list[dict]) -> dict[str, float]:
