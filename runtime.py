@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import os
 import random
 import signal
@@ -159,9 +160,13 @@ def distributed(device: str = "auto") -> Iterator[tuple[torch.device, int, int]]
     torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     try:
         yield dev, torch.distributed.get_rank(), torch.distributed.get_world_size()
-        # All leave together: a rank that tears its group down while rank 0 still writes the
-        # outputs was seen to abort in gloo's shutdown (SIGABRT), failing the whole run.
-        torch.distributed.barrier()
+        # All leave together: a rank that tore its group down while rank 0 still wrote the outputs
+        # was seen to abort in gloo's shutdown (SIGABRT), failing the whole run. Rank 0's last
+        # work (the test split, explain.py's --trust) may outlast the group's 30-minute timeout.
+        if dev.type == "cuda":
+            torch.distributed.barrier()
+        else:
+            torch.distributed.monitored_barrier(timeout=datetime.timedelta(days=7))
     finally:
         torch.distributed.destroy_process_group()
 
