@@ -40,8 +40,8 @@ from runtime import (AMP_CHOICES, amp_dtype, autocast, distributed, exit_on_inte
                      from_rank0, parse_args, precision_name, set_seed)
 from stainnorm import fit as stain_fit
 from stainnorm import normalise as normalise_stain
-from training import (Recipe, make_ema, make_optimizer, make_scheduler, passes_per_epoch, resume_schedule, seed_epoch,
-                      step_schedule, steps_per_epoch, train_one_epoch, validate)
+from training import (Recipe, epoch_recipe, make_ema, make_optimizer, make_scheduler, passes_per_epoch, resume_schedule,
+                      seed_epoch, step_schedule, steps_per_epoch, train_one_epoch, validate)
 
 
 @dataclass
@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> Path:
                     log(f"early stop: validation {monitor} has not improved for {stale} epochs")
                     break
                 order, generator = seed_epoch(cfg.seed, epoch, len(train), rank, world, passes)
-                tr = train_one_epoch(model, train, order, optimizer, scaler, mixed, generator, cfg,
-                                     f"epoch {epoch}/{cfg.epochs}", progress=rank == 0, ema=ema)
+                tr = train_one_epoch(model, train, order, optimizer, scaler, mixed, generator,
+                                     epoch_recipe(cfg, epoch), f"epoch {epoch}/{cfg.epochs}", progress=rank == 0, ema=ema)
                 # Rank 0 validates; every rank takes its result, so all step and stop together.
                 va, trained_loss = from_rank0(validation(net, kept, val, data, cfg, device) if rank == 0 else None)
                 if not math.isfinite(va["loss"]):

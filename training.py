@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ class Recipe:
     jitter_share: float = field(default=0.5, metadata={"min": 0, "help": "the share of training images (0-1) that get the colour and sharpness jitter; the others keep their brightness, contrast, saturation and focus (0.5 measured on real tissue, docs/robustness.md)"})
     erase: float = field(default=0.25, metadata={"min": 0, "help": "random erasing: the share of images (0-1) that get one rectangle of a fiftieth to a fifth of the image painted in a random colour (stain.random_erase), against ink, bubbles and debris on the slide; 0: off"})
     sharpness: float = field(default=1.0, metadata={"min": 0, "help": "each image blurred or sharpened: moved toward its Gaussian blur (sigma 1.5 px at 28 px) by U(-this, this), negative values sharpening (stain.sharpness_jitter), so that an out-of-focus scan is not new to the model; 0: off"})
+    clean_epochs: int = field(default=0, metadata={"min": 0, "help": "the last this many epochs train without the colour and sharpness jitter and random erasing (the stain jitter stays), so that the weights and BatchNorm statistics settle on images as scanned; 0: off"})
     schedule: str = field(default="cosine", metadata={"help": "learning rate: cosine anneals it to 0 over --epochs (measured best on real tissue: it does not react to the noise of a small validation split); plateau halves it after 2 epochs without a lower validation loss", "choices": ("cosine", "plateau")})
     select: str = field(default="last", metadata={"help": "the weights best.pt keeps and the test reads: last: the last epoch's, where the schedule ends, with no early stopping (measured best on real tissue: picking the best of 40 epochs on a 115-image validation split picks its noise); best: the epoch with the best validation --monitor, stopping early after --patience epochs without improvement", "choices": ("last", "best")})
     ema: float = field(default=0.0, metadata={"min": 0, "help": "weight EMA (torch.optim.swa_utils) with this half-life in epochs, so it means the same on 500 images as on 90,000; validation, best.pt and the test use the averaged weights; 0: off"})
@@ -64,6 +65,14 @@ def jittered(images: torch.Tensor, cfg: Recipe, generator: torch.Generator) -> t
         acquired = torch.where(keep.view(-1, 1, 1, 1), x, acquired)
     x = random_erase(acquired, cfg.erase, generator)
     return (x - MEAN) / STD
+
+
+def epoch_recipe(cfg: Recipe, epoch: int) -> Recipe:
+    """The recipe epoch `epoch` (1-based) trains with: without the acquisition jitter and random
+    erasing in the last cfg.clean_epochs epochs."""
+    if epoch <= cfg.epochs - cfg.clean_epochs:
+        return cfg
+    return replace(cfg, colour_jitter=0.0, sharpness=0.0, erase=0.0)
 
 
 def passes_per_epoch(n: int, cfg: Recipe, world: int = 1) -> int:

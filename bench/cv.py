@@ -41,8 +41,8 @@ from robustness import shift_table, summarise
 from stain import CENTRE_LEVEL, LAB_LEVEL, perturb
 from stainnorm import fit as stain_fit
 from stainnorm import normalise as normalise_stain
-from training import (Recipe, make_ema, make_optimizer, make_scheduler, passes_per_epoch, seed_epoch, step_schedule,
-                      steps_per_epoch, train_one_epoch, validate)
+from training import (Recipe, epoch_recipe, make_ema, make_optimizer, make_scheduler, passes_per_epoch, seed_epoch,
+                      step_schedule, steps_per_epoch, train_one_epoch, validate)
 
 T_975 = {14: 2.145, 9: 2.262, 4: 2.776, 2: 4.303}  # Student t quantiles for the intervals used here
 
@@ -87,8 +87,8 @@ def fit_ours(data: Data, recipe: Recipe, seed: int, patience: int) -> tuple[torc
     best, best_state, stale = -1.0, None, 0
     for epoch in range(1, recipe.epochs + 1):
         order, g = seed_epoch(seed, epoch, len(train), passes=passes_per_epoch(len(train), recipe))
-        train_one_epoch(net, train, order, optimizer, scaler, autocast(device, dtype), g, recipe, "cv", progress=False,
-                        ema=ema)
+        train_one_epoch(net, train, order, optimizer, scaler, autocast(device, dtype), g, epoch_recipe(recipe, epoch), "cv",
+                        progress=False, ema=ema)
         va = validate(kept, val, data, recipe, device)
         # The plateau rule watches the trained weights: the average's loss lags behind them.
         step_schedule(scheduler, va["loss"] if kept is net else validate(net, val, data, recipe, device)["loss"])

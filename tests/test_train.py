@@ -6,7 +6,7 @@ of 32 plus a single image, which train_one_epoch skips and must not count in its
 
 import csv
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -18,6 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 import data
 import train
+import training
 from model import CheckpointError, build_model, load_checkpoint, read_checkpoint, save_checkpoint
 
 SIZES = (97, 45, 45)  # train/val/test; 45 holds every one of the 9 classes
@@ -395,3 +396,19 @@ def test_an_epoch_of_small_data_makes_at_least_epoch_steps_optimiser_steps(event
     for k in range(2):  # under torchrun, the ranks split every pass without overlap
         shares = [set(r[k * 25:(k + 1) * 25].tolist()) for r in ranks]
         assert not shares[0] & shares[1] and len(shares[0] | shares[1]) == 50
+
+
+def test_clean_epochs_train_the_last_epochs_without_the_acquisition_jitter(tmp_path):
+    """--clean-epochs N: the last N epochs train as a run without colour and sharpness jitter and
+    erasing would (the stain jitter stays): all of them clean is exactly that run, and one of two
+    is neither that run nor the default."""
+    weights = lambda run: torch.load(run / "last.pt", map_location="cpu", weights_only=True)["model"]
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)
+    plain = weights(fit(tmp_path / "plain", "--epochs", "2", "--colour-jitter", "0", "--sharpness", "0", "--erase", "0"))
+    default = weights(fit(tmp_path / "default", "--epochs", "2"))
+    assert same(weights(fit(tmp_path / "all", "--epochs", "2", "--clean-epochs", "2")), plain)
+    last = weights(fit(tmp_path / "last", "--epochs", "2", "--clean-epochs", "1"))
+    assert not same(last, plain) and not same(last, default)
+    recipe = training.Recipe(epochs=25, clean_epochs=3)
+    assert training.epoch_recipe(recipe, 22) is recipe
+    assert training.epoch_recipe(recipe, 23) == replace(recipe, colour_jitter=0, sharpness=0, erase=0)
