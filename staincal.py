@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from stain import OD_FLOOR, RGB_FROM_HED, to_hed
+from stainnorm import macenko_stains
 
 SKIMAGE_UNIT = math.log(1e6)  # our concentration = scikit-image's rgb2hed x this
 COVER = 0.9                   # the share of the measured between-centre changes the calibrated level reaches
@@ -51,8 +52,7 @@ def tissue_concentrations(x: torch.Tensor, min_od: float = 0.3) -> torch.Tensor:
 def stain_vector_angles(x: torch.Tensor) -> torch.Tensor:
     """Per image, the angle in degrees between its Macenko H and E vectors and Ruifrok & Johnston's
     (N, 2); NaN where an image has too little tissue to estimate them."""
-    from stainnorm import _macenko
-    he, _, _, ok = _macenko((x * 255).round())
+    he, _, _, ok = macenko_stains((x * 255).round())
     ref = RGB_FROM_HED[:2].double().T  # (3, 2)
     cos = (torch.nn.functional.normalize(he, dim=1) * ref).sum(1).clamp(-1, 1)
     return torch.where(ok[:, None], torch.rad2deg(torch.acos(cos)), torch.nan)

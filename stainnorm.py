@@ -42,7 +42,7 @@ def fit(kind: str, images: torch.Tensor, seed: int = 0) -> dict:
     if kind == "reinhard":
         return {"kind": kind, "lab": lab_statistics(pooled.double() / 255)[0].tolist()}
     if kind == "macenko":
-        he, _, max_c, ok = _macenko(pooled)
+        he, _, max_c, ok = macenko_stains(pooled)
         if not ok[0]:
             raise ValueError("the training images have too little tissue to fit a Macenko reference")
         return {"kind": kind, "stains": he[0].tolist(), "max_concentration": max_c[0].tolist()}
@@ -60,7 +60,7 @@ def _normalise(x: torch.Tensor, reference: dict) -> torch.Tensor:
     if reference["kind"] == "reinhard":
         target = torch.tensor(reference["lab"], dtype=torch.float64)
         return (reinhard(x.double() / 255, target) * 255).round().to(torch.uint8)
-    _, c, max_c, ok = _macenko(x)
+    _, c, max_c, ok = macenko_stains(x)
     stains, target_max = (torch.tensor(reference[k], dtype=torch.float64, device=x.device)
                           for k in ("stains", "max_concentration"))
     out = LIGHT * torch.exp(-stains @ (c / (max_c / target_max)[:, :, None]))
@@ -68,7 +68,7 @@ def _normalise(x: torch.Tensor, reference: dict) -> torch.Tensor:
     return torch.where(ok.view(-1, 1, 1, 1), out, x)
 
 
-def _macenko(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def macenko_stains(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per image: stain vectors (N, 3, 2), H first; every pixel's concentrations (N, 2, P), least
     squares; the 99th percentile concentration of each stain (N, 2); whether it has enough tissue
     pixels (N,)."""
