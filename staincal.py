@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runtime import exit_with_one_line
 from stain import OD_FLOOR, RGB_FROM_HED, to_hed
 from stainnorm import macenko_stains
 
@@ -66,6 +67,10 @@ def covering_level(change: float, c: float, sign: int) -> float:
 
 def _load_tiles(folder: Path):
     from PIL import Image
+    for name in ("nct_crc_he_224_real_9.npz", "crc_val_he_7k_tiles", "pathmnist28_real_test718.npz"):
+        if not (folder / name).exists():
+            raise FileNotFoundError(f"{folder / name} not found: give the folder of the shared real data "
+                                    "(python staincal.py ../shared/data)")
     as_float = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255
     nct = np.load(folder / "nct_crc_he_224_real_9.npz")
     tiles = {}  # one entry per tile: the .tif original where both a .tif and a .jpg exist
@@ -97,14 +102,14 @@ def calibrate(folder: Path) -> dict:
     c = {"H": float(np.median(typical["H"])), "E": float(np.median(typical["E"]))}
     cover = {s: float(np.quantile(change[:, i], COVER)) for i, s in enumerate("HE")}
     literature = math.log(LITERATURE_HE_RATIO[1] / LITERATURE_HE_RATIO[0]) / 2  # either side of the middle lab
-    sign = -1 if (ratios < 1).all() else 1
-    level = max([covering_level(cover[s], c[s], sign) for s in "HE"] +
+    went = [d for d in (-1, 1) if ((ratios < 1) if d < 0 else (ratios > 1)).any()]  # the directions the tiles changed in
+    level = max([covering_level(cover[s], c[s], d) for s in "HE" for d in went] +
                 [covering_level(literature, c[s], d) for s in "HE" for d in (-1, 1)])
     both = max(covering_level(cover[s], c[s], d) for s in "HE" for d in (-1, 1))
     return {"stats": stats, "ratios": ratios, "tile_classes": [CLASSES[int(y)] for y in test["labels"]],
             "median_change": {s: float(np.median(change[:, i])) for i, s in enumerate("HE")},
             "cover_change": cover, "typical_concentration": c, "level": level, "level_both_ways": both,
-            "direction": sign, "literature_change": literature}
+            "directions": went, "literature_change": literature}
 
 
 def print_calibration(out: dict) -> None:
@@ -122,7 +127,7 @@ def print_calibration(out: dict) -> None:
           f"{COVER:.0%} of the tiles within H {cov['H']:.2f}, E {cov['E']:.2f} (x{math.exp(cov['H']):.2f}, x{math.exp(cov['E']):.2f})")
     print(f"literature: six laboratories' H:E ratio on one tissue, {LITERATURE_HE_RATIO[0]}-{LITERATURE_HE_RATIO[1]} "
           f"(Gray et al. 2015): |ln ratio| {out['literature_change']:.2f} either side of the middle")
-    lv, way = out["level"], "less" if out["direction"] < 0 else "more"
+    lv, way = out["level"], " or ".join("less" if d < 0 else "more" for d in out["directions"])
     print(f"calibrated hed_uniform level: {lv:.3f} natural-log OD ({lv / SKIMAGE_UNIT:.4f} in scikit-image's units): its "
           f"strongest draw gives a typical image (H {c['H']:.2f}, E {c['E']:.2f}) {way} stain by H {cov['H']:.2f} / E {cov['E']:.2f} "
           f"and either way by the literature's spread; {out['level_both_ways']:.3f} ({out['level_both_ways'] / SKIMAGE_UNIT:.4f}) "
@@ -130,4 +135,5 @@ def print_calibration(out: dict) -> None:
 
 
 if __name__ == "__main__":
-    print_calibration(calibrate(Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data")))
+    exit_with_one_line(lambda: print_calibration(calibrate(Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data"))),
+                       (FileNotFoundError,))

@@ -158,6 +158,8 @@ def test_the_inter_laboratory_level_is_the_one_the_real_tiles_give(shared_data):
     image = S.from_hed(image)
     down = staincal.tissue_concentrations(S.hed_offset(image, lv, torch.Generator().manual_seed(0)), min_od=0)[:, 0]
     assert np.log(down.min().item() / c) == pytest.approx(-out["cover_change"]["H"], abs=0.01)
+    with pytest.raises(FileNotFoundError, match="nct_crc_he_224_real_9.npz not found: give the folder"):
+        staincal.calibrate(shared_data / "missing")
 
 
 def test_blur_kernels_are_normalised_and_have_the_stated_size():
