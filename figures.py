@@ -420,7 +420,9 @@ def plot_stain_shift(result: dict, path, title: str) -> Path:
     ax.add_patch(plt.Rectangle((-0.5, worst - 0.5), acc.shape[1], 1, fill=False, lw=1.5, ec="black"))
     ax.axvline(acc.shape[1] - 1.5, color="white", lw=3)
     ax.set_xticks(range(acc.shape[1]), [f"level {k}" for k in range(6)] + ["mean 1-5"], fontsize=7)
-    ax.set_yticks(range(len(names)), [n + (" (level 4: another centre)" if n == "hed" else "") for n in names], fontsize=7)
+    note = {"hed": f" (level {result.get('centre_level', 4)}: another centre)",
+            **{n: f" (level {result.get('lab_level', 4)}: between laboratories)" for n in ("hed_offset", "hed_uniform")}}
+    ax.set_yticks(range(len(names)), [n + note.get(n, "") for n in names], fontsize=7)
     ax.tick_params(length=0)
     ax.set_title(f"mean over families and levels 1-5: {result['summary']:.3f}; worst family: {result['worst']} "
                  f"{result['worst_mean']:.3f} (n={result['n']})", fontsize=8)
