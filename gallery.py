@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from attribution import METHODS
-from audit import ALARM, MIN_ALARM, alarmed, evidence
+from audit import ALARM, HOT, MIN_ALARM, alarmed, evidence
 
 ZOOM = 3  # on-screen pixels per image pixel at 28 px (pixelated, so the tissue's texture stays visible)
 
@@ -188,7 +188,7 @@ def report_html(db, model_id: int, dataset: str, size: int, split: str, images: 
                "methods": list(settings), "metrics": metric_names, "cards": [cards[k] for k in order],
                "labels": {n: metric_text(n) for n in names},
                "strategies": audit_payload(audits, card_of, {k: pos for pos, k in enumerate(order)}),
-               "alarm": ALARM, "min_alarm": MIN_ALARM}
+               "alarm": ALARM, "min_alarm": MIN_ALARM, "hot": HOT}
     figs = "".join(f'<figure><img alt="{html.escape(p.stem)}" src="{data_uri(Image.open(p).convert("RGB"), "PNG")}">'
                    f"<figcaption>{html.escape(FIGURE_TEXT.get(p.stem, p.name))}</figcaption></figure>"
                    for p in figures if Path(p).exists())

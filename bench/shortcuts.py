@@ -17,9 +17,10 @@ stored maps.
 
 - Planted models, one audit per mark: the mark *caused* a prediction where the marked image is
   predicted as the mark's class and the same image without it is not. The audit's first strategy of
-  the mark's class (ranked by suspicion x sqrt(images), audit.evidence) is scored by recall (the share of the caused images it holds) and
-  precision (the share of its images that carry the mark; the stricter share that the mark caused is
-  reported too), and whether it raised an alarm (audit.alarmed: suspicion >= 0.2 over >= 5 images).
+  the mark's class (ranked by suspicion x sqrt(images), audit.evidence) is scored by recall (the
+  share of the caused images it holds) and precision (the share of its images that carry the mark;
+  the stricter share that the mark caused is reported too), and whether it raised an alarm
+  (audit.alarmed: suspicion >= 0.2 over >= 5 images).
 - Clean models: one audit of the unmarked images and one per mark's selection: the highest suspicion
   of any strategy of any class, and whether one raised an alarm (a false alarm: no mark was learnt).
 Both kinds of map description (audit.FEATURES) are audited on the same maps.
@@ -288,9 +289,9 @@ def figure(real: Path, models: str, path: Path, fold: int = 0, k: int = 5, n_sho
                 title = "model trained without marks, unmarked images"
             else:
                 c = planted.target_class(fold, group, planted.GROUPS[group].index(mark))
-                top = found.strategies[c][0]
                 if (carries & (pred == c) & (base_pred != c)).sum() < planted.MIN_CAUSED:
                     continue  # the mark decided (almost) nothing here: not learnt
+                top = found.strategies[c][0]
                 title = f"planted: {mark}"
             show = top.exemplars[:n_show]
             rows.append((title, top, PATHMNIST_CLASSES[top.cls], x[show], maps[show]))
