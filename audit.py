@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from data import normalize
+from mosaic import layout
 from road import NOISE, impute
 
 HOT = 0.3          # a hot spot: the pixels at >= HOT x the peak's smoothed positive relevance
@@ -99,7 +100,8 @@ def evidence(suspicion: float, n: int) -> float:
 class Audit:
     strategies: dict[int, list[Strategy]]   # class -> strategies, the best evidence of a shortcut first
     member_of: np.ndarray                   # (N,) index into flat(), -1 where not audited
-    per_map: dict[str, np.ndarray]          # flip, control_flip, atypical, z_class, z_all, area, concentration, prob_drop
+    per_map: dict[str, np.ndarray]          # flip, control_flip, atypical, z_class, z_all, area, concentration, prob_drop,
+                                            # x, y (the map of the data set: mosaic.layout)
 
     def flat(self) -> list[Strategy]:
         return [s for c in sorted(self.strategies) for s in self.strategies[c]]
@@ -401,6 +403,7 @@ def audit_maps(model, layer, images: torch.Tensor, maps: torch.Tensor, classes, 
         z_class[rows] = robust_z(inside[rows], elsewhere[rows]).numpy()
     atypical = np.minimum(z_class, z_all) > ATYPICAL
     vectors = describe(model, layer, images, maps, features)
+    xy = layout(vectors)  # the map of the data set the report draws (mosaic.py)
     member_of = np.full(len(maps), -1, np.int64)
     per_class: dict[int, list[Strategy]] = {}
     for c, rows in by_class.items():
@@ -418,7 +421,7 @@ def audit_maps(model, layer, images: torch.Tensor, maps: torch.Tensor, classes, 
         per_class[c] = sorted(found, key=lambda s: (-s.evidence, -s.flip, -s.n))
     result = Audit(per_class, member_of, {
         "flip": flip, "control_flip": control_flip, "atypical": atypical, "z_class": z_class, "z_all": z_all,
-        "area": area, "concentration": concentration, "prob_drop": drop})
+        "area": area, "concentration": concentration, "prob_drop": drop, "x": xy[:, 0], "y": xy[:, 1]})
     for j, s in enumerate(result.flat()):
         member_of[s.members] = j
     return result

@@ -32,7 +32,7 @@ def as_rows(found: Audit, attribution_ids: np.ndarray) -> tuple[list[dict], dict
     pm = found.per_map
     return strategies, {"attribution_id": attribution_ids, "strategy": found.member_of, "flip": pm["flip"],
                         "control_flip": pm["control_flip"], "atypical": pm["atypical"], "area": pm["area"],
-                        "concentration": pm["concentration"]}
+                        "concentration": pm["concentration"], "x": pm["x"], "y": pm["y"]}
 
 
 def run_audit(store, model, layer, images: torch.Tensor, indices, settings: dict[str, int], features: str,

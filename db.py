@@ -47,10 +47,11 @@ _COLUMNS = {"attribution_id": "a.id", "sample_id": "a.sample_id", "model_id": "a
             "method": "s.method", "dataset": "x.dataset", "size": "x.size", "split": "x.split",
             "index": "x.idx", "label": "x.label", "target": "a.target", "predicted": "a.predicted",
             "confidence": "a.confidence", "delta": "a.delta"}
-# The shortcut audit's columns (db_schema.py's migration 4; audit.py says what each measures).
+# The shortcut audit's columns (db_schema.py's migrations 4 and 5; audit.py says what each measures;
+# x, y: the map's place on the map of the data set, mosaic.layout).
 STRATEGY_COLUMNS = ("class", "rank", "n", "suspicion", "flip", "control_flip", "atypical", "area", "concentration",
                     "prob_drop")
-MEMBER_COLUMNS = ("flip", "control_flip", "atypical", "area", "concentration")
+MEMBER_COLUMNS = ("flip", "control_flip", "atypical", "area", "concentration", "x", "y")
 _ORDER = "a.model_id, a.setting_id, x.dataset, x.size, x.split, x.idx, a.target"
 _SELECT = f"""SELECT {", ".join(_COLUMNS.values())}, a.dtype, a.shape, a.map, a.raw_shape, a.raw
     FROM attributions a JOIN settings s ON s.id = a.setting_id JOIN samples x ON x.id = a.sample_id"""

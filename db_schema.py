@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 APPLICATION_ID = 0x58504C4E  # "XPLN" in the file header: tells our files from other SQLite files
 
 NOW = "(strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
@@ -102,6 +102,12 @@ MIGRATIONS = [
         DELETE FROM audits WHERE id IN (SELECT s.audit_id FROM strategy_members m
             JOIN strategies s ON s.id = m.strategy_id WHERE m.attribution_id = NEW.id);
     END;
+    """,
+    # 4 -> 5: each audited map's place on the map of the data set (mosaic.layout); NULL for audits
+    # stored before it existed.
+    """
+    ALTER TABLE strategy_members ADD COLUMN x REAL;
+    ALTER TABLE strategy_members ADD COLUMN y REAL;
     """,
 ]
 FILE_SPLIT = "file"  # samples of image files: dataset "sha256:<hex>", this split, index 0

@@ -33,6 +33,7 @@ from PIL import Image
 
 from attribution import METHODS
 from audit import ALARM, HOT, MIN_ALARM, alarmed, evidence
+from mosaic import mosaic
 
 ZOOM = 3  # on-screen pixels per image pixel at 28 px (pixelated, so the tissue's texture stays visible)
 
@@ -188,6 +189,7 @@ def report_html(db, model_id: int, dataset: str, size: int, split: str, images: 
                "methods": list(settings), "metrics": metric_names, "cards": [cards[k] for k in order],
                "labels": {n: metric_text(n) for n in names},
                "strategies": audit_payload(audits, card_of, {k: pos for pos, k in enumerate(order)}),
+               "mosaics": mosaic_payload(audits, card_of, {k: pos for pos, k in enumerate(order)}),
                "alarm": ALARM, "min_alarm": MIN_ALARM, "hot": HOT}
     figs = "".join(f'<figure><img alt="{html.escape(p.stem)}" src="{data_uri(Image.open(p).convert("RGB"), "PNG")}">'
                    f"<figcaption>{html.escape(FIGURE_TEXT.get(p.stem, p.name))}</figcaption></figure>"
@@ -217,6 +219,23 @@ def audit_payload(audits: dict[str, dict], card_of: dict[str, dict], position: d
                         "area": round(s["area"], 4), "concentration": round(s["concentration"], 3),
                         "drop": round(s["prob_drop"], 3), "alarm": alarmed(s["suspicion"], s["n"]),
                         "exemplars": [position[key[e]] for e in s["exemplars"] if e in key]})
+    return out
+
+
+def mosaic_payload(audits: dict[str, dict], card_of: dict[str, dict], position: dict) -> dict[str, dict]:
+    """Per audited method, the map of the data set (mosaic.py) for the page: its grid and, per
+    occupied cell, [row, column, atlas position of the card shown, its strategy id]. Audits stored
+    before the map existed have no places and get none."""
+    out = {}
+    for method, a in audits.items():
+        m, key = a["members"], card_of[method]
+        placed = np.isfinite(m["x"]) & np.isfinite(m["y"]) & np.isin(m["attribution_id"], list(key))
+        if not placed.any():
+            continue
+        cells = mosaic(np.stack([m["x"][placed], m["y"][placed]], 1))
+        ids, strategy = m["attribution_id"][placed], m["strategy_id"][placed]
+        out[method] = {"grid": len(cells), "cells": [[r, c, position[key[int(ids[i])]], int(strategy[i])]
+                                                     for (r, c), i in np.ndenumerate(cells) if i >= 0]}
     return out
 
 

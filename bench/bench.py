@@ -325,6 +325,8 @@ def main() -> None:
     p.add_argument("--patience", type=int, default=10, help="real: early stopping after this many epochs without a "
                    "better validation score")
     p.add_argument("--seeds", type=int, default=3, help="accuracy, real, xai: training seeds")
+    p.add_argument("--seed-ids", default="", help="real: only these comma-separated seeds (e.g. 1,2), to run the seeds "
+                   "of one protocol in parallel processes; the folds of seed s are those of --seeds")
     p.add_argument("--train", nargs="*", default=[], help="training.Recipe overrides for ours (real, xai, planted: "
                    "of train.py's defaults), KEY=VALUE")
     p.add_argument("--variants", default="", help="real: our recipes to compare, 'NAME=KEY=VALUE,KEY=VALUE ...' "
@@ -340,6 +342,8 @@ def main() -> None:
     p.add_argument("--rand-n", type=int, default=16, help="xai: images per fold for the randomisation checks")
     p.add_argument("--figure", default="", help="xai: also draw the ROAD curves into this PNG; "
                    "planted: the marks and maps of --entries; audit: fold 0's first strategies")
+    p.add_argument("--map-figure", default="", help="audit: draw fold 0's map of the data set (the report's "
+                   "mosaic) for one planted mark into this PNG")
     p.add_argument("--entries", default="", help="xai, planted: only the entries whose name contains one of these "
                    "comma-separated words (case-insensitive), e.g. occlusion,Grad-CAM")
     p.add_argument("--workers", type=int, default=2, help="planted, audit: processes at once (one thread each)")
@@ -364,7 +368,8 @@ def main() -> None:
         print(f"machine: {machine()}", flush=True)
         base = Recipe(**parse_sets(args.train + (["epochs=3", "epoch_steps=1"] if args.quick else []), Recipe))
         results = cv.run(Path(args.real), cv.parse_variants(args.variants, base), k=args.folds,
-                         seeds=1 if args.quick else args.seeds, epochs=3 if args.quick else args.epochs,
+                         seeds=1 if args.quick else [int(s) for s in args.seed_ids.split(",") if s] or args.seeds,
+                         epochs=3 if args.quick else args.epochs,
                          patience=args.patience,
                          seed_recipe=not args.no_seed_recipe and args.task == "classes", task=args.task)
         cv.report(results)
@@ -407,6 +412,8 @@ def main() -> None:
         print(shortcuts.report(results))
         if args.figure:  # images/audit_planted.png: fold 0's audits, from the maps kept with the models
             print(f"wrote {shortcuts.figure(Path(args.real), args.models or 'runs/planted-models', Path(args.figure))}")
+        if args.map_figure:  # images/audit_map.png: the report's map of the data set for fold 0's tinted square
+            print(f"wrote {shortcuts.map_figure(Path(args.real), args.models or 'runs/planted-models', Path(args.map_figure))}")
     elif args.mode == "trust":
         import firstrun
         print(f"machine: {machine()}", flush=True)

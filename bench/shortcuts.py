@@ -87,8 +87,9 @@ def audit_job(real: str, k: int, f: int, folder: str, groups=None) -> dict:
     unmarked images and on every mark's selection."""
     torch.set_num_threads(1)
     import planted
-    from audit import FEATURES, audit_maps
+    from audit import FEATURES, audit_maps, describe
     from data import normalize
+    from mosaic import layout
     from model import GRADCAM_LAYERS, predict
     data, images, labels, train_idx, val_idx, test_idx, Split = planted._fold_data(Path(real), k, f)
     refs = normalize(images[train_idx]).contiguous(memory_format=torch.channels_last)
@@ -115,6 +116,10 @@ def audit_job(real: str, k: int, f: int, folder: str, groups=None) -> dict:
                 learnt = planted._marked_held_out(net, images, labels, test_idx, mark, c, base_pred[test_idx])[3]
                 row.update(target=c, caused=int(caused.sum()), learnt=bool(learnt.sum() >= planted.MIN_CAUSED),
                            decided_of_eligible=[int(learnt.sum()), len(learnt)])
+                # The comparison for the map of the data set: the model's features of the whole image,
+                # no map (its penultimate features, average-pooled), laid out the same way.
+                whole = layout(describe(net, layer, x, torch.ones_like(maps), "evidence"))
+                row["features_alone"] = on_the_map(whole, caused, carries)
             for kind in FEATURES:
                 t0 = time.perf_counter()
                 found = audit_maps(net, layer, x, maps, pred, seeds, kind)
@@ -135,9 +140,21 @@ def audit_job(real: str, k: int, f: int, folder: str, groups=None) -> dict:
                         "precision_caused": float(caused[top.members].mean())}
                     others = [s["suspicion"] for s in strategies if s["cls"] != c]
                     r["max_other_suspicion"] = max(others) if others else 0.0
+                    r["map"] = on_the_map(np.stack([found.per_map["x"], found.per_map["y"]], 1), caused, carries)
                 row["features"][kind] = r
             out["planted" if group >= 0 else "clean"].append(row)
     return out
+
+
+def on_the_map(xy: np.ndarray, caused: np.ndarray, carries: np.ndarray) -> dict:
+    """How visible the images a mark caused are on a map of the data set (mosaic.py): how much they
+    keep to themselves (island; chance: their share of the other images) and how many of the report's
+    mosaic tiles show one (or any image with the mark)."""
+    from mosaic import island, mosaic
+    shown = mosaic(xy)
+    shown = shown[shown >= 0]
+    return {"island": island(xy, caused), "chance": float((caused.sum() - 1) / max(1, len(caused) - 1)),
+            "tiles": len(shown), "tiles_caused": int(caused[shown].sum()), "tiles_marked": int(carries[shown].sum())}
 
 
 def run(real: Path, k: int = 5, folds=None, workers: int = 2, models: str = "runs/planted-models") -> dict:
@@ -161,7 +178,8 @@ def speed(real: Path, models: str, tmp: str = "", n_copies: int = 10) -> dict:
     """Seconds explain.py --audit takes for 7,180 stored maps (the size of PathMNIST's test split):
     the 718 real images in 10 orientations (rotations and mirror images, as tissue can lie), fold 0's
     first planted model, explain.py's default maps stored in a fresh database, then run_audit (read,
-    audit, store) timed with each kind of map description, in this process with its threads."""
+    audit, store) timed with each kind of map description, in this process with its threads. The maps
+    are kept in `models` (maps-speed-*.pt) with the time they took, so a rerun times the audit alone."""
     import tempfile
 
     import planted
@@ -178,11 +196,17 @@ def speed(real: Path, models: str, tmp: str = "", n_copies: int = 10) -> dict:
     net = planted._load(str(Path(models) / "fold0-group0.pt"))
     layer = net.get_submodule(GRADCAM_LAYERS["lightcnn"])
     pred = predict(net, images, 256, "cpu", data.task)
-    t0 = time.perf_counter()
-    refs = normalize(one[:256]).contiguous(memory_format=torch.channels_last)
-    maps = torch.cat([xai.explain(ENTRY, net, images[s:s + 512], torch.from_numpy(pred[s:s + 512].argmax(1)),
-                                  range(s, s + 512), refs) for s in range(0, len(images), 512)])
-    out = {"maps": len(images), "seconds_maps": time.perf_counter() - t0}
+    cache = Path(models) / f"maps-speed-{n_copies}.pt"  # kept, so the audit can be timed again without them
+    kept = torch.load(cache, weights_only=True) if cache.exists() else {}
+    if "maps" not in kept:
+        t0 = time.perf_counter()
+        refs = normalize(one[:256]).contiguous(memory_format=torch.channels_last)
+        kept["maps"] = torch.cat([xai.explain(ENTRY, net, images[s:s + 512], torch.from_numpy(pred[s:s + 512].argmax(1)),
+                                              range(s, s + 512), refs) for s in range(0, len(images), 512)])
+        kept["seconds"] = time.perf_counter() - t0
+        torch.save(kept, cache)
+    maps = kept["maps"]
+    out = {"maps": len(images), "seconds_maps": kept["seconds"]}
     with tempfile.TemporaryDirectory(dir=tmp or None) as folder, ExplanationDB(Path(folder) / "audit.db") as db:
         store = RunStore.open(db, checkpoint_sha256="0" * 64, model="lightcnn", config={}, dataset="bench",
                               size=28, split="test")
@@ -217,7 +241,8 @@ def summary(out: dict, kind: str = "evidence") -> dict:
                          "found": top["recall"] >= 0.9 and top["precision_marked"] >= 0.8,
                          "alarm": alarmed(top["suspicion"], top["n"]),
                          "max_other": max([s["suspicion"] for s in r["features"][kind]["strategies"]
-                                           if s["cls"] != r["target"] and s["n"] >= MIN_ALARM] or [0.0])})
+                                           if s["cls"] != r["target"] and s["n"] >= MIN_ALARM] or [0.0]),
+                         "map": r["features"][kind].get("map"), "features_alone": r.get("features_alone")})
         strategies = [s for r in fold["clean"] for s in r["features"][kind]["strategies"]]
         clean.append({"fold": fold["fold"], "max_suspicion": max(s["suspicion"] for s in strategies if s["n"] >= MIN_ALARM),
                       "alarm": any(alarmed(s["suspicion"], s["n"]) for s in strategies), "audits": len(fold["clean"])})
@@ -247,12 +272,37 @@ def report(out: dict) -> str:
                   "|---|---|---|---|"]
         lines += [f"| {c['fold']} | {c['audits']} | {c['max_suspicion']:.2f} | {'yes' if c['alarm'] else 'no'} |"
                   for c in s["clean"]]
-        lines.append("")
+        lines += ["", *map_table(s["planted"], kind)]
     if "speed" in out:
         sp = out["speed"]
         lines.append(f"Speed: the audit of {sp['maps']} stored maps took {sp['seconds_audit_evidence']:.1f} s (evidence) "
                      f"and {sp['seconds_audit_spray']:.1f} s (spray); computing the maps took {sp['seconds_maps']:.0f} s.")
     return "\n".join(lines)
+
+
+def map_table(rows: list[dict], kind: str) -> list[str]:
+    """Markdown: per learnt (mark, fold), how visible the images the mark caused are on the report's
+    map of the data set (the audit's descriptions laid out) and on a map of the model's features of
+    the whole image (no map), against chance; and the same over the pairs the audit's first strategy missed."""
+    from mosaic import GRID
+    rows = [r for r in rows if r.get("map") and r.get("features_alone")]
+    if not rows:
+        return []
+    med = lambda rs, key, part: float(np.median([r[part][key] for r in rs])) if rs else float("nan")
+    missed = [r for r in rows if not r["found"]]
+    out = [f"Map of the data set ({kind}; mosaic.py): the caused images' island score (the share of each one's 10 "
+           f"nearest images on the map that the mark caused too; chance: their share of all images) and the "
+           f"report's mosaic tiles (of {GRID}x{GRID} cells) showing one. Median over {len(rows)} pairs: "
+           f"audit's map {med(rows, 'island', 'map'):.2f}, features of the whole image {med(rows, 'island', 'features_alone'):.2f}, "
+           f"chance {med(rows, 'chance', 'map'):.2f}; over the {len(missed)} pairs the first strategy missed: "
+           f"{med(missed, 'island', 'map'):.2f}, {med(missed, 'island', 'features_alone'):.2f}, {med(missed, 'chance', 'map'):.2f}.", "",
+           "| fold | mark | caused | island: audit's map | island: whole-image features | chance | tiles showing a caused image "
+           "(audit's map) | (features) | first strategy found it |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m, f = r["map"], r["features_alone"]
+        out.append(f"| {r['fold']} | {r['mark']} | {r['caused']} | {m['island']:.2f} | {f['island']:.2f} | {m['chance']:.2f} | "
+                   f"{m['tiles_caused']} of {m['tiles']} | {f['tiles_caused']} of {f['tiles']} | {'yes' if r['found'] else 'no'} |")
+    return out + [""]
 
 
 def figure(real: Path, models: str, path: Path, fold: int = 0, k: int = 5, n_show: int = 4) -> Path:
@@ -316,3 +366,53 @@ def figure(real: Path, models: str, path: Path, fold: int = 0, k: int = 5, n_sho
     return save_figure(fig, path, f"The shortcut audit on fold {fold} of the planted-mark models (real tissue, "
                        "LightCNN):\nper mark the first strategy of its class (last row: a model trained without "
                        "marks, its most suspicious),\nfour of its images and their maps (filled spot outlined)")
+
+
+def map_figure(real: Path, models: str, path: Path, fold: int = 0, mark: str = "tinted square", k: int = 5) -> Path:
+    """The report's map of the data set for one planted mark of `fold` (from the maps kept with the
+    models), next to the same mosaic of the model's whole-image features: each cell's image, framed
+    where the mark caused its prediction (what the audit is not told)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    import planted
+    from audit import audit_maps, describe
+    from data import PATHMNIST_CLASSES, normalize
+    from figures import save_figure
+    from model import GRADCAM_LAYERS, predict
+    from mosaic import GRID, island, layout, mosaic
+    group = next(g for g, marks in enumerate(planted.GROUPS) if mark in marks)
+    c = planted.target_class(fold, group, planted.GROUPS[group].index(mark))
+    data, images, labels, train_idx, val_idx, test_idx, Split = planted._fold_data(real, k, fold)
+    refs = normalize(images[train_idx]).contiguous(memory_format=torch.channels_last)
+    seeds = np.array([int(i) * 1009 + 7 for i in range(len(labels))])
+    net = planted._load(str(Path(models) / f"fold{fold}-group{group}.pt"))
+    layer = net.get_submodule(GRADCAM_LAYERS["lightcnn"])
+    base_pred = predict(net, images, 256, "cpu", data.task).argmax(1)
+    x, pred, maps, carries = explained(net, refs, images, base_pred, labels, seeds, [mark], fold,
+                                       Path(models) / f"maps-fold{fold}-group{group}.pt", data.task, {})(mark)
+    caused = carries & (pred == c) & (base_pred != c)
+    found = audit_maps(net, layer, x, maps, pred, seeds)
+    places = {"the report's map: the audit's descriptions of the maps": np.stack([found.per_map["x"], found.per_map["y"]], 1),
+              "for comparison: the model's features of the whole image": layout(describe(net, layer, x, torch.ones_like(maps),
+                                                                                          "evidence"))}
+    side = x.shape[-1]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6.9), layout="constrained")
+    for ax, (title, xy) in zip(axes, places.items()):
+        cells = mosaic(xy)
+        canvas = np.full((GRID * side, GRID * side, 3), 245, np.uint8)
+        for (r, col), i in np.ndenumerate(cells):
+            if i >= 0:
+                canvas[r * side:(r + 1) * side, col * side:(col + 1) * side] = x[i].permute(1, 2, 0).numpy()
+                if caused[i]:
+                    ax.add_patch(Rectangle((col * side - 0.5, r * side - 0.5), side, side, fill=False, ec="#1f5fd6", lw=1.6))
+        ax.imshow(canvas, interpolation="nearest")
+        ax.set_xticks([]), ax.set_yticks([])
+        shown = cells[cells >= 0]
+        ax.set_title(f"{title}\nisland score {island(xy, caused):.2f} (chance {(caused.sum() - 1) / (len(x) - 1):.2f}); "
+                     f"{int(caused[shown].sum())} of {len(shown)} tiles show an image the mark decided", fontsize=9)
+    return save_figure(fig, path, f"Map of the data set, fold {fold}: {len(x)} real images, the {mark} drawn on 30% of "
+                       f"every class's, on a model that learnt it as {PATHMNIST_CLASSES[c]} (blue frames: the "
+                       f"{int(caused.sum())} predictions it decided)")

@@ -166,6 +166,11 @@ def test_the_audit_puts_the_shortcut_first_and_alone(case):
     flat = found.flat()
     assert sorted(np.concatenate([s.members for s in flat]).tolist()) == list(range(78))
     assert all((found.member_of[s.members] == j).all() for j, s in enumerate(flat))
+    # on the map of the data set (mosaic.layout) the dot maps are an island: their nearest are dot maps
+    xy = np.stack([found.per_map["x"], found.per_map["y"]], 1)
+    d = np.linalg.norm(xy[30:54, None] - xy[None], axis=2)
+    d[np.arange(24), np.arange(30, 54)] = np.inf
+    assert np.isin(np.argsort(d, 1)[:, :5], np.arange(30, 54)).mean() > 0.9
 
 
 def test_spray_groups_maps_by_place_so_dots_anywhere_do_not_form_one_strategy(case):
@@ -227,6 +232,8 @@ def test_the_stored_audit_is_the_audit(case, tmp_path):
         t, want = by_id[sid], flat[found.member_of[index]]
         assert (t["class"], t["n"]) == (want.cls, want.n) and index in want.members.tolist()
         assert set(t["exemplars"]) <= set(rows["attribution_id"][want.members].tolist())
+    for name in ("x", "y", "flip", "area"):  # the members' rows come back as stored (in attribution-id order)
+        np.testing.assert_allclose(got["members"][name], found.per_map[name][got["members"]["index"]])
     for c in (0, 1):
         ranked = [t for t in got["strategies"] if t["class"] == c]
         assert [t["rank"] for t in ranked] == list(range(1, len(ranked) + 1))

@@ -506,7 +506,9 @@ def test_version_1_file_upgrades_in_place(tmp_path):
         np.testing.assert_array_equal(rows["maps"], np.arange(4, dtype=np.float32).reshape(1, 2, 2))
         d.add_sample_metrics(rows["attribution_id"], "deletion_auc", [0.3])
         assert d.sample_metrics("deletion_auc")["value"].tolist() == [0.3]
-    assert raw_sql(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)] and SCHEMA_VERSION == 4
+    assert raw_sql(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)] and SCHEMA_VERSION == 5
+    members = [name for (_, name, *_) in raw_sql(path, "PRAGMA table_info(strategy_members)")]
+    assert members[-2:] == ["x", "y"]  # migration 5: the map of the data set
     assert {"sample_metrics", "summary_metrics", "files", "audits", "strategies", "strategy_members"} <= {
         t for (t,) in raw_sql(path, tables)}
     assert raw_sql(path, "SELECT map FROM attributions") == [(blob,)]  # the map is untouched
@@ -624,7 +626,8 @@ def audit_rows(ids: np.ndarray, classes: np.ndarray, seed: int = 0):
                                "concentration": 0.6, "prob_drop": 0.4, "exemplars": ids[part][:3]})
     members = {"attribution_id": ids, "strategy": where, "flip": rng.integers(0, 2, len(ids)),
                "control_flip": np.zeros(len(ids)), "atypical": rng.integers(0, 2, len(ids)),
-               "area": rng.random(len(ids)), "concentration": rng.random(len(ids))}
+               "area": rng.random(len(ids)), "concentration": rng.random(len(ids)), "x": rng.random(len(ids)),
+               "y": rng.random(len(ids))}
     return strategies, members
 
 
@@ -647,7 +650,7 @@ def test_an_audit_round_trips_and_a_new_one_replaces_it(populated):
     np.testing.assert_array_equal(m["attribution_id"], ig["attribution_id"][order])
     np.testing.assert_array_equal(m["index"], ig["index"][order])  # joined back to the samples
     np.testing.assert_array_equal(m["predicted"], ig["predicted"][order])
-    for c in ("flip", "atypical", "area", "concentration"):
+    for c in ("flip", "atypical", "area", "concentration", "x", "y"):
         np.testing.assert_allclose(m[c], np.asarray(members[c], float)[order])
     by_id = {s["id"]: (s["class"], s["rank"]) for s in got["strategies"]}
     assert [by_id[s] for s in m["strategy_id"]] == [(strategies[w]["class"], strategies[w]["rank"])

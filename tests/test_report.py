@@ -15,6 +15,7 @@ import explain as X
 from audit import alarmed, evidence
 import model as M
 from db import ExplanationDB
+from mosaic import GRID
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -141,3 +142,30 @@ def test_screenshot_is_written(report, tmp_path):
     with Image.open(shot) as im:
         pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
         assert im.size == (1400, 1600) and len(np.unique(pixels, axis=0)) > 100  # drawn, not blank
+
+
+def test_the_data_set_map_shows_each_occupied_cell_s_nearest_image_and_its_strategy(report):
+    """The mosaic (mosaic.py) against the stored places, cell by cell: one tile per occupied cell of
+    the grid, the image whose place is nearest the cell's centre (brute force here), its stored
+    strategy, framed red exactly where that strategy raised the alarm."""
+    db, page = report
+    dom, log = browse(page)
+    assert 'data-errors=""' in dom, log[-2000:]
+    tags = [dict(re.findall(r'([\w-]+)="([^"]*)"', t)) for t in re.findall(r'<div [^>]*data-cell="[^>]*>', dom)]
+    for a, method in zip(stored_audits(db), ("ig", "gradcam")):
+        m, grid = a["members"], GRID
+        col = np.minimum((m["x"] * grid).astype(int), grid - 1)
+        row = grid - 1 - np.minimum((m["y"] * grid).astype(int), grid - 1)
+        mine = [t for t in tags if t["data-method"] == method]
+        assert {t["data-cell"] for t in mine} == {f"{r},{c}" for r, c in zip(row, col)}  # every occupied cell, once
+        assert len(mine) == len({t["data-cell"] for t in mine}) == int(
+            re.search(rf"Map of the data set \({method}, (\d+) of its images shown", dom)[1])
+        strategy = {s["id"]: s for s in a["strategies"]}
+        for t in mine:
+            r, c = map(int, t["data-cell"].split(","))
+            inside = np.flatnonzero((row == r) & (col == c))
+            d = np.hypot(m["x"][inside] - (c + 0.5) / grid, m["y"][inside] - (1 - (r + 0.5) / grid))
+            j = inside[np.argmin(d)]
+            assert int(t["data-image"]) == m["index"][j] and int(t["data-strategy"]) == m["strategy_id"][j]
+            s = strategy[int(t["data-strategy"])]
+            assert ("alarm" in t["class"].split()) == alarmed(s["suspicion"], s["n"])
