@@ -22,7 +22,7 @@ step python explain.py --checkpoint runs/synthetic/best.pt --n 500 --trust --rep
 step python data.py ../shared/data/pathmnist28_real_test718.npz data/real718_split.npz
 step python train.py --data-dir data/real718_split.npz --out runs/real-lightcnn
 step python evaluate.py --checkpoint runs/real-lightcnn/best.pt --stain-shift
-step python explain.py --checkpoint runs/real-lightcnn/best.pt --trust --report runs/real-lightcnn/report.html
+step python explain.py --checkpoint runs/real-lightcnn/best.pt --trust --audit --report runs/real-lightcnn/report.html
 step python explain.py --checkpoint runs/real-lightcnn/best.pt --images ../shared/data/crc_val_he_7k_tiles \
     --labels-from-names --figure-grid runs/real-lightcnn/tiles-crcval.png
 step sqlite3 -header -column explanations.db "SELECT s.method, x.split, count(*) AS maps,

@@ -112,3 +112,12 @@ def test_a_stale_table_or_a_bad_flag_is_caught():
     for bad in (["--no-such-flag", "1"], ["--epoch", "3"], ["--monitor", "acc|auc"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
+
+
+def test_the_first_run_benchmark_runs_the_readme_s_commands_as_written():
+    """bench/first_run.sh times the README's first run: each of its python commands is one the
+    README gives, word for word (it once left out step 2's --audit)."""
+    script = (REPO / "bench" / "first_run.sh").read_text().replace("\\\n", " ")
+    timed = [shlex.split(line, comments=True)[1:] for line in script.splitlines() if line.startswith("step python ")]
+    readme = [[script, *args] for script, args in commands(REPO / "README.md")]
+    assert len(timed) >= 7 and all(t[1:] in readme for t in timed), [t for t in timed if t[1:] not in readme]
