@@ -84,3 +84,18 @@ def test_an_island_keeps_to_itself_and_a_scattered_group_does_not():
     assert abs(mosaic.island(xy, scattered) - 19 / 219) < 0.07  # about the group's share of the others
     line = np.array([[0.0, 0], [1, 0], [3, 0]])  # by hand: each point's nearest other
     assert mosaic.island(line, [True, True, False], k=1) == 1.0 and mosaic.island(line, [True, False, True], k=1) == 0.0
+
+
+def test_the_page_gets_no_map_for_an_audit_stored_before_places_existed():
+    """An audit written by schema 4 has no x, y (NULL, read as NaN): the report shows its strategies
+    and no map, instead of placing every image in one cell."""
+    from gallery import mosaic_payload
+    ids = np.arange(10, 20)
+    card_of = {"ig": {int(a): (int(a) - 10, 0) for a in ids}}
+    position = {(i, 0): i for i in range(10)}
+    members = {"attribution_id": ids, "strategy_id": np.full(10, 3), "x": np.full(10, np.nan), "y": np.full(10, np.nan)}
+    assert mosaic_payload({"ig": {"members": members}}, card_of, position) == {}
+    members |= {"x": np.linspace(0, 1, 10), "y": np.linspace(0, 1, 10)}  # on a diagonal: one image per cell it crosses
+    page = mosaic_payload({"ig": {"members": members}}, card_of, position)["ig"]
+    assert page["grid"] == mosaic.GRID and len(page["cells"]) == 10
+    assert all(s == 3 for *_, s in page["cells"]) and sorted(a for _, _, a, _ in page["cells"]) == list(range(10))
