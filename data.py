@@ -57,6 +57,7 @@ class Split:
     images: torch.Tensor               # uint8 (N, C, H, W)
     labels: torch.Tensor               # int64 (N,), or (N, L) 0/1 for multi-label tasks
     masks: torch.Tensor | None = None  # bool (N, H, W): where the class evidence is (synthetic only)
+    stain_style: torch.Tensor | None = None  # training.py's RandStainNA distribution of these images, once needed
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -374,10 +374,32 @@ def lab_statistics(x: torch.Tensor) -> torch.Tensor:
 def reinhard(x: torch.Tensor, target: torch.Tensor, min_std: float = 1.0) -> torch.Tensor:
     """Reinhard et al.'s (2001) colour transfer in CIE L*a*b*, as pathology toolkits normalise
     stain: each image's L*, a*, b* shifted and scaled to the target's mean and standard deviation
-    (target: (2, 3), lab_statistics of a reference). A channel that barely varies in an image
-    (std < min_std, e.g. empty background) is only shifted, never stretched into noise."""
+    (target: (2, 3), lab_statistics of a reference, or (N, 2, 3), one per image). A channel that
+    barely varies in an image (std < min_std, e.g. empty background) is only shifted, never
+    stretched into noise."""
     lab = to_lab(x)
     mean, std = lab.mean((2, 3), keepdim=True), lab.std((2, 3), correction=0, keepdim=True)
-    t_mean, t_std = target[0].to(x).view(1, 3, 1, 1), target[1].to(x).view(1, 3, 1, 1)
+    target = target.to(x).reshape(-1, 2, 3)
+    t_mean, t_std = target[:, 0].reshape(-1, 3, 1, 1), target[:, 1].reshape(-1, 3, 1, 1)
     scale = torch.where(std < min_std, torch.ones_like(std), t_std / std.clamp(min=1e-6))
     return from_lab((lab - mean) * scale + t_mean)
+
+
+def lab_style(images: torch.Tensor, batch: int = 4096) -> torch.Tensor:
+    """RandStainNA's stain-style distribution of uint8 (N, 3, H, W) images: over the images, the
+    mean (row 0) and standard deviation (row 1) of each image's L*a*b* mean and standard deviation
+    (lab_statistics): (2, 2, 3)."""
+    stats = torch.cat([lab_statistics(images[i:i + batch].double() / 255) for i in range(0, len(images), batch)])
+    return torch.stack([stats.mean(0), stats.std(0)]).float()
+
+
+def randstainna(x: torch.Tensor, style: torch.Tensor, g: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    """RandStainNA (Shen et al., MICCAI 2022), in L*a*b*: each image, with probability p, is
+    Reinhard-transferred to a virtual template drawn for it from its training split's stain-style
+    distribution (lab_style: every statistic from a normal with the split's mean and standard
+    deviation, the authors' default), so that the stains the model sees vary as much as the split's
+    own, not more. x: (N, 3, H, W) in [0, 1]."""
+    draw = style[0] + style[1] * torch.randn((len(x), 2, 3), generator=g)
+    draw[:, 1] = draw[:, 1].clamp(min=0.1)  # a standard deviation
+    chosen = (torch.rand(len(x), generator=g) < p).to(x.device)
+    return torch.where(chosen.view(-1, 1, 1, 1), reinhard(x, draw.to(x.device)), x)

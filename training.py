@@ -22,7 +22,7 @@ from data import MEAN, STD, augment, normalize, translate
 from metrics import compute_metrics
 from model import predict
 from runtime import AMP_CHOICES, all_reduce_sum
-from stain import colour_jitter, hed_jitter, random_erase, sharpness_jitter
+from stain import colour_jitter, hed_jitter, lab_style, randstainna, random_erase, sharpness_jitter
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Recipe:
     shift: int = field(default=1, metadata={"min": 0, "help": "with --augment, also move each image by up to this many whole pixels along each axis, borders reflected (data.translate): exact, nothing is resampled; 1 measured best on real tissue; 0: off"})
     stain_jitter: float = field(default=0.5, metadata={"min": 0, "help": "HED stain augmentation: each image's H and E concentrations scaled by 1 + U(-this, this) (stain.hed_jitter); 0.5 measured most robust to another centre's stain; RGB images only; 0: off"})
     label_smoothing: float = field(default=0.0, metadata={"min": 0, "help": "cross-entropy label smoothing (single-label tasks); 0: off"})
+    stain_aug: str = field(default="hed", metadata={"help": "the stain augmentation: hed: --stain-jitter and --stain-offset in HED space (Tellez et al., 2019); randstainna: RandStainNA (Shen et al., 2022): half the images Reinhard-transferred to a stain style drawn from the training split's own spread of L*a*b* statistics (stain.randstainna; --stain-jitter and --stain-offset unused)", "choices": ("hed", "randstainna")})
     stain_offset: float = field(default=0.05, metadata={"min": 0, "help": "with the HED stain augmentation, also shift each image's H and E concentrations by U(-this, this) in optical-density units (Tellez et al., 2019), whatever the image's own amount of stain; 0: off"})
     colour_jitter: float = field(default=0.3, metadata={"min": 0, "help": "brightness, contrast and saturation each by 1 + U(-this, this) per image, in both directions (0.3 covers the benchmark's darker and brighter images); 0: off"})
     jitter_share: float = field(default=0.5, metadata={"min": 0, "help": "the share of training images (0-1) that get the colour and sharpness jitter; the others keep their brightness, contrast, saturation and focus (0.5 measured on real tissue, docs/robustness.md)"})
@@ -52,13 +53,17 @@ class Recipe:
     eval_batch_size: int = field(default=128, metadata={"min": 1, "help": "batch for validation and test inference (128 stays in a CPU's cache)"})
 
 
-def jittered(images: torch.Tensor, cfg: Recipe, generator: torch.Generator) -> torch.Tensor:
+def jittered(images: torch.Tensor, cfg: Recipe, generator: torch.Generator, style: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 images -> model input, with the recipe's stain, colour and sharpness jitter and random
     erasing (none: normalize). They are defined for RGB (H&E) images; grayscale MedMNIST flags
-    train without them."""
-    if not (cfg.stain_jitter or cfg.stain_offset or cfg.colour_jitter or cfg.sharpness or cfg.erase) or images.shape[1] != 3:
+    train without them. style: the training split's stain style (stain.lab_style), for
+    --stain-aug randstainna."""
+    randstain = cfg.stain_aug == "randstainna"
+    if not (randstain or cfg.stain_jitter or cfg.stain_offset or cfg.colour_jitter or cfg.sharpness or cfg.erase) \
+            or images.shape[1] != 3:
         return normalize(images)
-    x = hed_jitter(images.float() / 255, cfg.stain_jitter, generator, offset=cfg.stain_offset)
+    x = (randstainna(images.float() / 255, style, generator) if randstain else
+         hed_jitter(images.float() / 255, cfg.stain_jitter, generator, offset=cfg.stain_offset))
     acquired = sharpness_jitter(colour_jitter(x, cfg.colour_jitter, generator), cfg.sharpness, generator)
     if cfg.jitter_share < 1:  # the rest keep the acquisition as it was
         keep = torch.rand(len(x), generator=generator).to(x.device) >= cfg.jitter_share
@@ -117,11 +122,13 @@ def train_one_epoch(model, split, order, optimizer, scaler, autocast, generator,
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     seen, t0 = 0, time.perf_counter()
+    if cfg.stain_aug == "randstainna" and split.stain_style is None and split.images.shape[1] == 3:
+        split.stain_style = lab_style(split.images.cpu())  # once per split: RandStainNA's distribution
     for idx in tqdm(order.split(cfg.batch_size), desc=desc, leave=False, disable=None if progress else True):
         if len(idx) < 2:  # a one-image batch would make BatchNorm's batch statistics pure noise
             continue
         idx = idx.to(device)
-        x = jittered(split.images[idx], cfg, generator)
+        x = jittered(split.images[idx], cfg, generator, split.stain_style)
         if cfg.augment:
             x = translate(augment(x, generator, cfg.rotate), generator, cfg.shift)
         y = split.labels[idx]

@@ -347,6 +347,33 @@ def test_reinhard_maps_the_reference_to_itself_and_brings_two_restainings_togeth
     assert (stats[:, 0] - target[0]).abs().median() < 1.0
 
 
+def test_the_stain_style_is_the_spread_of_each_image_s_lab_statistics_by_scikit_image(real):
+    """stain.lab_style (RandStainNA's distribution), computed here per image with scikit-image."""
+    from skimage.color import rgb2lab
+    images = real.images[:40]
+    lab = rgb2lab(images.permute(0, 2, 3, 1).numpy().astype(np.float64) / 255).reshape(40, -1, 3)
+    stats = np.stack([lab.mean(1), lab.std(1)], 1)  # (N, 2, 3): each image's mean and std per channel
+    np.testing.assert_allclose(S.lab_style(images, batch=16).numpy(), [stats.mean(0), stats.std(0, ddof=1)],
+                               rtol=2e-3, atol=2e-2)
+
+
+def test_randstainna_restains_its_share_of_images_to_templates_drawn_from_the_style(real):
+    """With p = 1 every image takes a template drawn from the style (with no spread: exactly the
+    style's mean, as Reinhard's transfer to it), with p = 0.5 about half do and the others are
+    untouched; the drawn templates spread as the style says."""
+    tissue = real.images[real.labels != 1][:200].float() / 255  # not the empty background class
+    style = S.lab_style(real.images)
+    fixed = torch.stack([style[0], torch.zeros_like(style[0])])
+    one = S.randstainna(tissue, fixed, torch.Generator().manual_seed(0), p=1.0)
+    torch.testing.assert_close(one, S.reinhard(tissue, style[0]), rtol=0, atol=1e-6)
+    half = S.randstainna(tissue, style, torch.Generator().manual_seed(1), p=0.5)
+    changed = (half - tissue).abs().flatten(1).amax(1) > 1e-6
+    assert 0.4 < changed.float().mean() < 0.6 and half.min() >= 0 and half.max() <= 1
+    stats = S.lab_statistics(S.randstainna(tissue, style, torch.Generator().manual_seed(2), p=1.0).double())
+    mean_spread = stats[:, 0].std(0) / style[1, 0]  # each channel's mean: as spread as the training images'
+    assert ((mean_spread > 0.7) & (mean_spread < 1.3)).all(), mean_spread
+
+
 def test_training_jitters_keep_range_and_do_what_they_say():
     """Random erasing paints one rectangle of 2-20% of the image in a share p of the images; the
     sharpness jitter is the identity at 0 and keeps a constant image constant; both stay in [0, 1]."""
