@@ -64,6 +64,7 @@ ENTRIES = {
     "LRP, ε-z⁺-flat rules": ("lrp", {"lrp_composite": "epsilon_plus_flat"}),
     "Blur IG × Grad-CAM": ("blur_ig_x_gradcam", {}),
     "LRP × Grad-CAM": ("lrp_x_gradcam", {}),
+    "LRP × Grad-CAM (ε-z⁺-flat rules)": ("lrp_x_gradcam", {"lrp_composite": "epsilon_plus_flat"}),
 }
 EDGES = "Sobel edges (ignores the model)"
 
