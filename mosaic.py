@@ -68,8 +68,10 @@ def mosaic(xy: np.ndarray, grid: int = GRID) -> np.ndarray:
     row = grid - 1 - np.minimum((xy[:, 1] * grid).astype(np.int64), grid - 1)
     centre = np.stack([(col + 0.5) / grid, 1 - (row + 0.5) / grid], 1)
     dist = np.linalg.norm(xy - centre, axis=1)
-    for i in np.lexsort((-np.arange(len(xy)), -dist)):  # nearest last, so it is the one kept; ties: lowest index
-        out[row[i], col[i]] = i
+    cell = row * grid + col
+    order = np.lexsort((np.arange(len(xy)), dist, cell))  # per cell, the nearest first; ties: lowest index
+    first = order[np.unique(cell[order], return_index=True)[1]]
+    out.flat[cell[first]] = first
     return out
 
 

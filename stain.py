@@ -2,9 +2,10 @@
 The benchmark (PERTURBATIONS, 16 families at severities 1-5; evaluate.py --stain-shift): HED stain
 concentrations (Ruifrok & Johnston, 2001), with relative or additive shifts, the latter at the full
 level or drawn uniformly up to it; darker and brighter, less and more contrast and saturation,
-hue; defocus and motion blur, pixelation, JPEG; ink marks and air bubbles. The training jitter (training.Recipe): HED scales and offsets, brightness,
-contrast and saturation, blur and sharpening, random erasing. And Reinhard's colour transfer in
-CIE L*a*b*, the stain normalisation pathology toolkits ship (measured, not a default).
+hue; defocus and motion blur, pixelation, JPEG; ink marks and air bubbles. The training jitter
+(training.Recipe): HED scales and offsets (or RandStainNA), brightness, contrast and saturation,
+blur and sharpening, random erasing. And Reinhard's colour transfer in CIE L*a*b*, the stain
+normalisation pathology toolkits ship (measured, not a default).
 
     from stain import PERTURBATIONS, perturb
     shifted = perturb(images_uint8, "darker", level=3, seed=0)  # uint8 (N, C, H, W), level 0: identity

@@ -382,7 +382,7 @@ def map_figure(real: Path, models: str, path: Path, fold: int = 0, mark: str = "
     from data import PATHMNIST_CLASSES, normalize
     from figures import save_figure
     from model import GRADCAM_LAYERS, predict
-    from mosaic import GRID, island, layout, mosaic
+    from mosaic import GRID, layout, mosaic
     group = next(g for g, marks in enumerate(planted.GROUPS) if mark in marks)
     c = planted.target_class(fold, group, planted.GROUPS[group].index(mark))
     data, images, labels, train_idx, val_idx, test_idx, Split = planted._fold_data(real, k, fold)
@@ -410,9 +410,9 @@ def map_figure(real: Path, models: str, path: Path, fold: int = 0, mark: str = "
                     ax.add_patch(Rectangle((col * side - 0.5, r * side - 0.5), side, side, fill=False, ec="#1f5fd6", lw=1.6))
         ax.imshow(canvas, interpolation="nearest")
         ax.set_xticks([]), ax.set_yticks([])
-        shown = cells[cells >= 0]
-        ax.set_title(f"{title}\nisland score {island(xy, caused):.2f} (chance {(caused.sum() - 1) / (len(x) - 1):.2f}); "
-                     f"{int(caused[shown].sum())} of {len(shown)} tiles show an image the mark decided", fontsize=9)
+        seen = on_the_map(xy, caused, carries)
+        ax.set_title(f"{title}\nisland score {seen['island']:.2f} (chance {seen['chance']:.2f}); "
+                     f"{seen['tiles_caused']} of {seen['tiles']} tiles show an image the mark decided", fontsize=9)
     return save_figure(fig, path, f"Map of the data set, fold {fold}: {len(x)} real images, the {mark} drawn on 30% of "
                        f"every class's, on a model that learnt it as {PATHMNIST_CLASSES[c]} (blue frames: the "
                        f"{int(caused.sum())} predictions it decided)")
