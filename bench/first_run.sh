@@ -3,11 +3,12 @@
 # HEAD placed next to it (so that ../shared/data resolves as in the README), then removed.
 #   bash bench/first_run.sh            # one line per command: seconds and the command; then the total
 # Uses the `python` on PATH (activate the environment first); each command's output goes to LOG_DIR.
+# KEEP=1 keeps the clone (its runs/, data/ and explanations.db) instead of removing it.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 clone="$(dirname "$repo")/first-run-$$"
 logs="${LOG_DIR:-$(mktemp -d)}"
-trap 'rm -rf "$clone"' EXIT
+[ "${KEEP:-0}" = 1 ] && echo "keeping the clone: $clone" || trap 'rm -rf "$clone"' EXIT
 git clone -q "$repo" "$clone" && cd "$clone"
 n=0
 step() {

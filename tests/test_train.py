@@ -400,15 +400,16 @@ def test_an_epoch_of_small_data_makes_at_least_epoch_steps_optimiser_steps(event
 
 def test_clean_epochs_train_the_last_epochs_without_the_acquisition_jitter(tmp_path):
     """--clean-epochs N: the last N epochs train as a run without colour and sharpness jitter and
-    erasing would (the stain jitter stays): all of them clean is exactly that run, and one of two
-    is neither that run nor the default."""
+    erasing would (the stain jitter stays): all of them clean is exactly that run (as the default 3
+    is on a 2-epoch run), and one of two is neither that run nor one jittered throughout."""
     weights = lambda run: torch.load(run / "last.pt", map_location="cpu", weights_only=True)["model"]
     same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)
     plain = weights(fit(tmp_path / "plain", "--epochs", "2", "--colour-jitter", "0", "--sharpness", "0", "--erase", "0"))
-    default = weights(fit(tmp_path / "default", "--epochs", "2"))
+    jittered = weights(fit(tmp_path / "jittered", "--epochs", "2", "--clean-epochs", "0"))
     assert same(weights(fit(tmp_path / "all", "--epochs", "2", "--clean-epochs", "2")), plain)
+    assert same(weights(fit(tmp_path / "default", "--epochs", "2")), plain)
     last = weights(fit(tmp_path / "last", "--epochs", "2", "--clean-epochs", "1"))
-    assert not same(last, plain) and not same(last, default)
+    assert not same(last, plain) and not same(last, jittered)
     recipe = training.Recipe(epochs=25, clean_epochs=3)
     assert training.epoch_recipe(recipe, 22) is recipe
     assert training.epoch_recipe(recipe, 23) == replace(recipe, colour_jitter=0, sharpness=0, erase=0)
