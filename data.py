@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +57,9 @@ class Split:
     images: torch.Tensor               # uint8 (N, C, H, W)
     labels: torch.Tensor               # int64 (N,), or (N, L) 0/1 for multi-label tasks
     masks: torch.Tensor | None = None  # bool (N, H, W): where the class evidence is (synthetic only)
-    stain_style: torch.Tensor | None = None  # training.py's RandStainNA distribution of these images, once needed
+    # training.py's RandStainNA distribution of these images, computed once needed; not an init field, so a
+    # Split made by dataclasses.replace (new images: stain normalisation, a fold) never inherits a stale one
+    stain_style: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.labels)

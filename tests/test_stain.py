@@ -374,6 +374,15 @@ def test_randstainna_restains_its_share_of_images_to_templates_drawn_from_the_st
     assert ((mean_spread > 0.7) & (mean_spread < 1.3)).all(), mean_spread
 
 
+def test_a_split_with_new_images_does_not_inherit_the_stain_style_of_the_old_ones(real):
+    """training.py caches RandStainNA's style on the Split; a Split made from it with other images
+    (stain normalisation, a fold) must compute its own, not reuse a stale one."""
+    from dataclasses import replace
+    split = replace(real)
+    split.stain_style = S.lab_style(split.images)
+    assert replace(split, images=255 - split.images).stain_style is None
+
+
 def test_training_jitters_keep_range_and_do_what_they_say():
     """Random erasing paints one rectangle of 2-20% of the image in a share p of the images; the
     sharpness jitter is the identity at 0 and keeps a constant image constant; both stay in [0, 1]."""
