@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -233,18 +233,30 @@ class _no_inplace:
             m.inplace = True
 
 
-def cam_weighted(pixel_method: Callable[..., Attribution]):
+def cam_weighted(*pixel_methods: Callable[..., Attribution]):
     """A pixel map weighted by Grad-CAM: each pixel's relevance (channel sum) times the upsampled
     Grad-CAM map scaled to a maximum of 1. Grad-CAM says which region holds the class evidence at
     its layer's coarse grid, the pixel map where inside it (Selvaraju et al.'s Guided Grad-CAM, with
-    a faithful pixel map in place of guided backpropagation)."""
+    a faithful pixel map in place of guided backpropagation). Given several pixel methods, the mean
+    of their weighted maps, each first scaled to a largest |value| of 1 so that each counts alike
+    whatever its units (an ensemble whose members fail in different places: bench/bench.py planted)."""
     def method(model, layer, x, target, s: AttributionSettings, seeds) -> Attribution:
-        pixels = pixel_method(model, layer, x, target, s, seeds).maps.detach().float().sum(1)
-        cam = gradcam(model, layer, x, target, s, seeds).maps.detach().float()
-        peak = cam.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]
-        return Attribution(pixels * cam / peak)
+        cam = _peak_scaled(gradcam(model, layer, x, target, s, seeds).maps.detach().float())
+        weighted = [pm(model, layer, x, target, s, seeds).maps.detach().float().sum(1) * cam for pm in pixel_methods]
+        return Attribution(weighted[0] if len(weighted) == 1 else torch.stack([_peak_scaled(w) for w in weighted]).mean(0))
     method.__doc__ = cam_weighted.__doc__
     return method
+
+
+def _peak_scaled(maps: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) maps divided by their largest |value| (an all-zero map stays zero)."""
+    return maps / maps.flatten(1).abs().amax(1).clamp(min=1e-12)[:, None, None]
+
+
+def lrp_plus_flat(model, layer, x, target, s: AttributionSettings, seeds) -> Attribution:
+    """LRP with the epsilon-z+-flat composite, whatever --lrp-composite says (the ensemble's member:
+    it found the wide marks best of the LRP rules, bench/bench.py planted)."""
+    return lrp(model, layer, x, target, replace(s, lrp_composite="epsilon_plus_flat"), seeds)
 
 
 def _activations_and_gradients(model, layer, x, target) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,6 +350,10 @@ METHODS = {
     "lrp_x_gradcam": Method(cam_weighted(lrp), lambda s, layer: {
         "pixels": "lrp", "composite": s.lrp_composite, **_cam_params(s, layer), "weight": "gradcam / max"},
         uses_layer=True, title="LRP × Grad-CAM"),
+    "blur_ig_lrp_x_gradcam": Method(cam_weighted(blur_ig, lrp_plus_flat), lambda s, layer: {
+        "pixels": "blur_ig + lrp", "steps": s.ig_steps, "composite": "epsilon_plus_flat", **_cam_params(s, layer),
+        "weight": "gradcam / max", "combine": "mean of the weighted maps, each / max |map|"},
+        uses_layer=True, title="(Blur IG + LRP) × Grad-CAM"),
 }
 
 

@@ -74,7 +74,7 @@ from trust_run import measure_trust, print_trust
 class ExplainConfig(AttributionSettings, TrustSettings):
     checkpoint: str = field(default="runs/latest/best.pt", metadata={"help": "checkpoint written by train.py"})
     db: str = field(default="explanations.db", metadata={"help": "SQLite database the maps are stored in"})
-    methods: str = field(default="blur_ig_x_gradcam", metadata={"help": f"comma-separated, from: {', '.join(METHODS)}; the default: the best by the worse of its two ranks on real tissue, planted marks found and ROAD, among the methods that cost at most twice a plain IG map (bench/bench.py planted; docs/trust.md)"})
+    methods: str = field(default="blur_ig_lrp_x_gradcam", metadata={"help": f"comma-separated, from: {', '.join(METHODS)}; the default: the best by the worse of its two ranks on real tissue, planted marks found and ROAD, among the methods that cost at most twice a plain IG map (bench/bench.py planted; docs/trust.md)"})
     split: str = field(default="test", metadata={"help": "split to explain", "choices": ("train", "val", "test")})
     data_dir: str = field(default="", metadata={"help": "data folder or .npz file (default: the checkpoint's)"})
     n: int = field(default=0, metadata={"min": 0, "help": "explain the first N selected images (0: all)"})

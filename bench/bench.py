@@ -398,9 +398,9 @@ def main() -> None:
                               n_max=8 if args.quick else 0, groups=[0] if args.quick else None,
                               models=args.models)
         print(planted.report(results))
-        if args.figure:  # the default, the former defaults, LRP and Grad-CAM (images/planted_marks.png)
-            shown = xai.pick(args.entries) or ["Blur IG × Grad-CAM", "Blur IG (scale-space path)", "LRP, ε-γ-box rules",
-                                               "occlusion, Gaussian-blur fill", "Grad-CAM"]
+        if args.figure:  # the default, its members, a former default (images/planted_marks.png)
+            shown = xai.pick(args.entries) or ["(Blur IG + LRP) × Grad-CAM", "Blur IG × Grad-CAM",
+                                               "LRP × Grad-CAM (ε-z⁺-flat rules)", "Blur IG (scale-space path)", "Grad-CAM"]
             print(f"wrote {planted.figure(Path(args.real), args.models, Path(args.figure), shown, args.folds)}")
     elif args.mode == "audit":
         import shortcuts

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 SHARE = 0.3    # of each class's images carry the mark
-ENTRY = "Blur IG × Grad-CAM"  # explain.py's default method (bench/xai.py's name for it)
+ENTRY = "(Blur IG + LRP) × Grad-CAM"  # explain.py's default method (bench/xai.py's name for it)
 
 
 def carriers(labels: np.ndarray, mark: str, fold: int) -> np.ndarray:
@@ -49,6 +49,12 @@ def carriers(labels: np.ndarray, mark: str, fold: int) -> np.ndarray:
     return out
 
 
+def _kept(cache: Path) -> dict:
+    """The maps kept in cache if they are ENTRY's (a change of explain.py's default recomputes them)."""
+    kept = torch.load(cache, weights_only=True) if cache.exists() else {}
+    return kept if kept.get("entry") == ENTRY else {"entry": ENTRY}
+
+
 def explained(net, refs, base, base_pred, y, seeds, marks, f: int, cache: Path, task: str, seconds: dict):
     """mark -> (images, predictions, maps, carriers) of the selection with that mark drawn (None: no
     mark), every image explained at its prediction with ENTRY. The unmarked images' maps are
@@ -57,7 +63,7 @@ def explained(net, refs, base, base_pred, y, seeds, marks, f: int, cache: Path, 
     import xai
     from marks import plant
     from model import predict
-    kept = torch.load(cache, weights_only=True) if cache.exists() else {}
+    kept = _kept(cache)
     if "base" not in kept:
         t0 = time.perf_counter()
         kept["base"] = xai.explain(ENTRY, net, base, torch.from_numpy(base_pred), seeds, refs)
@@ -197,7 +203,7 @@ def speed(real: Path, models: str, tmp: str = "", n_copies: int = 10) -> dict:
     layer = net.get_submodule(GRADCAM_LAYERS["lightcnn"])
     pred = predict(net, images, 256, "cpu", data.task)
     cache = Path(models) / f"maps-speed-{n_copies}.pt"  # kept, so the audit can be timed again without them
-    kept = torch.load(cache, weights_only=True) if cache.exists() else {}
+    kept = _kept(cache)
     if "maps" not in kept:
         t0 = time.perf_counter()
         refs = normalize(one[:256]).contiguous(memory_format=torch.channels_last)

@@ -65,6 +65,7 @@ ENTRIES = {
     "Blur IG × Grad-CAM": ("blur_ig_x_gradcam", {}),
     "LRP × Grad-CAM": ("lrp_x_gradcam", {}),
     "LRP × Grad-CAM (ε-z⁺-flat rules)": ("lrp_x_gradcam", {"lrp_composite": "epsilon_plus_flat"}),
+    "(Blur IG + LRP) × Grad-CAM": ("blur_ig_lrp_x_gradcam", {}),
 }
 EDGES = "Sobel edges (ignores the model)"
 

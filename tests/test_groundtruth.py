@@ -164,6 +164,14 @@ def test_the_default_is_the_best_by_the_worse_of_its_two_ranks():
     assert "1 of 3 (not counted)" in planted.report(few)
 
 
+def test_the_audit_benchmark_audits_the_maps_explain_py_makes_by_default():
+    _bench()
+    import shortcuts
+    import xai
+    from explain import ExplainConfig
+    assert xai.ENTRIES[shortcuts.ENTRY] == (ExplainConfig().methods, {})
+
+
 def test_each_fold_plants_its_marks_on_distinct_classes():
     planted = _bench()
     for f in range(5):

@@ -258,3 +258,29 @@ def test_cam_weighted_maps_are_the_pixel_map_times_the_scaled_gradcam(real, net,
         expect = p * cam / peak.clamp(min=1e-12)[:, None, None]
         assert A.METHODS[name].needs_layer and not A.METHODS[name].cam
         np.testing.assert_allclose(out.numpy(), expect.numpy(), atol=1e-5 * expect.abs().max().item())
+
+
+def test_the_ensemble_is_the_mean_of_its_members_weighted_maps_each_scaled_to_one(real, net, hand_gradcam):
+    """(Blur IG + LRP) x Grad-CAM by hand: Blur IG's and LRP's (epsilon-z+-flat, whatever
+    --lrp-composite says) channel sums, each times the hand-made Grad-CAM over its peak, each divided
+    by its largest |value|, then averaged; so its largest |value| is at most 1, and neither member
+    alone gives it."""
+    layer = net.get_submodule(M.GRADCAM_LAYERS["lightcnn"])
+    with torch.no_grad():
+        t = net(real).argmax(1)
+    s = A.AttributionSettings(ig_steps=8)  # lrp_composite: the default epsilon_gamma_box, overridden inside
+    out = A.METHODS["blur_ig_lrp_x_gradcam"].attribute(net, layer, real, t, s, None).maps
+    cam = torch.nn.functional.interpolate(hand_gradcam(net, layer, real.clone().requires_grad_(True), t),
+                                          size=28, mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.flatten(1).amax(1)
+    assert (peak > 0).float().mean() >= 0.5  # not a mean of empty maps
+    cam = cam / peak.clamp(min=1e-12)[:, None, None]
+    plus_flat = A.AttributionSettings(ig_steps=8, lrp_composite="epsilon_plus_flat")
+    members = [A.METHODS["blur_ig"].attribute(net, layer, real, t, s, None).maps.sum(1) * cam,
+               A.METHODS["lrp"].attribute(net, layer, real, t, plus_flat, None).maps.sum(1) * cam]
+    scaled = [m / m.flatten(1).abs().amax(1).clamp(min=1e-12)[:, None, None] for m in members]  # 0 stays 0
+    expect = (scaled[0] + scaled[1]) / 2
+    np.testing.assert_allclose(out.numpy(), expect.numpy(), atol=1e-5)
+    assert out.abs().amax().item() <= 1 + 1e-6
+    for m in scaled:  # both members count: the mean is neither of them
+        assert (out - m).abs().amax().item() > 0.05
