@@ -1,6 +1,6 @@
 """Attribution methods behind one registry: Integrated Gradients (black, blurred or mean-colour
 reference), Blur IG, SmoothGrad, expected gradients, occlusion, LRP (Zennit), the CAM family (Grad-CAM,
-Grad-CAM++, HiResCAM, LayerCAM) and pixel maps weighted by Grad-CAM.
+Grad-CAM++, HiResCAM, LayerCAM) and pixel maps weighted by Grad-CAM (alone or as a mean of two).
 
     from attribution import METHODS, AttributionSettings
     method = METHODS["ig"]
@@ -39,7 +39,7 @@ class AttributionSettings:
     ig_internal_batch: int = field(default=128, metadata={"min": 1, "help": "images x steps per IG forward/backward: bounds memory; 128 is fastest on CPU, GPUs like more"})
     nt_samples: int = field(default=10, metadata={"min": 1, "help": "SmoothGrad: noisy copies per image"})
     nt_stdev: float = field(default=0.15, metadata={"min": 0.0, "help": "SmoothGrad: noise std in input units (inputs span [-1, 1])"})
-    lrp_composite: str = field(default="epsilon_gamma_box", metadata={"help": "LRP: Zennit's rule composite (BatchNorm merged into its convolution): z-box on the input layer, gamma = 0.25 on convolutions, epsilon on dense layers; or z+ on convolutions and the flat rule on the input layer", "choices": ("epsilon_gamma_box", "epsilon_plus_flat")})
+    lrp_composite: str = field(default="epsilon_gamma_box", metadata={"help": "LRP (lrp, lrp_x_gradcam): Zennit's rule composite (BatchNorm merged into its convolution): z-box on the input layer, gamma = 0.25 on convolutions, epsilon on dense layers; or z+ on convolutions and the flat rule on the input layer (blur_ig_lrp_x_gradcam always uses this one)", "choices": ("epsilon_gamma_box", "epsilon_plus_flat")})
     batch_size: int = field(default=256, metadata={"min": 1, "help": "images per attribution batch and per database transaction"})
     store_dtype: str = field(default="float16", metadata={"help": "blob precision", "choices": ("float16", "float32")})
 

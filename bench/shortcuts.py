@@ -217,12 +217,13 @@ def speed(real: Path, models: str, tmp: str = "", n_copies: int = 10) -> dict:
         store = RunStore.open(db, checkpoint_sha256="0" * 64, model="lightcnn", config={}, dataset="bench",
                               size=28, split="test")
         idx = np.arange(len(images))
-        sid = store.add_settings({"blur_ig_x_gradcam": {}})["blur_ig_x_gradcam"]
+        method = xai.ENTRIES[ENTRY][0]
+        sid = store.add_settings({method: {}})[method]
         store.put(sid, sample_ids=store.add_samples(idx, np.zeros(len(idx), np.int64)), targets=pred.argmax(1),
                   predicted=pred.argmax(1), confidence=pred.max(1), maps=maps.numpy())
         for kind in ("evidence", "spray"):
             t0 = time.perf_counter()
-            run_audit(store, net, layer, images, idx, {"blur_ig_x_gradcam": sid}, kind, "bench", "test")
+            run_audit(store, net, layer, images, idx, {method: sid}, kind, "bench", "test")
             out[f"seconds_audit_{kind}"] = time.perf_counter() - t0
             print(f"audit of {len(images)} stored maps ({kind}): {out[f'seconds_audit_{kind}']:.1f} s", flush=True)
     return out
