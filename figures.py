@@ -171,7 +171,7 @@ def plot_examples(images, rows: dict, class_names, method: str, path, title: str
     """One row per example: image in true colours | map with colour bar | overlay (draw_map's rules);
     maps of colour channels are summed."""
     n = len(rows["index"])
-    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.3 * n + 0.6), squeeze=False)
+    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.3 * n + 0.6), squeeze=False, layout="constrained")
     for r in range(n):
         img = images[rows["index"][r]].permute(1, 2, 0).numpy()
         img = img[..., 0] if img.shape[-1] == 1 else img
