@@ -1,9 +1,10 @@
 """Attribution maps (Integrated Gradients, Grad-CAM, ...) for many images in one SQLite file.
 
-With db_schema.py (the file format) and db_merge.py (--merge-from), the only modules that
-import sqlite3. Models are keyed by checkpoint hash, settings by method and
-canonical params, samples by (dataset, size, split, index); one row per (model, setting, sample,
-target) holds the map as a float16/float32 blob, so thousands of maps can be queried later.
+With db_schema.py (the file format), db_merge.py (--merge-from) and db_audit.py (the shortcut
+audit's tables), the only modules that import sqlite3. Models are keyed by checkpoint hash,
+settings by method and canonical params, samples by (dataset, size, split, index); one row per
+(model, setting, sample, target) holds the map as a float16/float32 blob, so thousands of maps can
+be queried later.
 
     with ExplanationDB("runs/explanations.db") as db:
         m = db.add_model(sha256, "resnet18", cfg)
@@ -29,6 +30,7 @@ import time
 
 import numpy as np
 
+from db_audit import AuditTables
 from db_merge import check_sources, merge_into
 from db_schema import (APPLICATION_ID, DTYPES, FILE_SPLIT, MIGRATIONS, NOW, SCHEMA_VERSION, UNKNOWN_LABEL,
                        DatabaseError, StoreError, canonical_json, check_header, db_error, decode, encode, floats,
@@ -47,11 +49,6 @@ _COLUMNS = {"attribution_id": "a.id", "sample_id": "a.sample_id", "model_id": "a
             "method": "s.method", "dataset": "x.dataset", "size": "x.size", "split": "x.split",
             "index": "x.idx", "label": "x.label", "target": "a.target", "predicted": "a.predicted",
             "confidence": "a.confidence", "delta": "a.delta"}
-# The shortcut audit's columns (db_schema.py's migrations 4 and 5; audit.py says what each measures;
-# x, y: the map's place on the map of the data set, mosaic.layout).
-STRATEGY_COLUMNS = ("class", "rank", "n", "suspicion", "flip", "control_flip", "atypical", "area", "concentration",
-                    "prob_drop")
-MEMBER_COLUMNS = ("flip", "control_flip", "atypical", "area", "concentration", "x", "y")
 _ORDER = "a.model_id, a.setting_id, x.dataset, x.size, x.split, x.idx, a.target"
 _SELECT = f"""SELECT {", ".join(_COLUMNS.values())}, a.dtype, a.shape, a.map, a.raw_shape, a.raw
     FROM attributions a JOIN settings s ON s.id = a.setting_id JOIN samples x ON x.id = a.sample_id"""
@@ -78,7 +75,7 @@ _SUMMARY = f"""SELECT m.name, substr(m.checkpoint_sha256, 1, 12), s.method, s.pa
     ORDER BY m.name, a.model_id, s.method, s.params_json, {_SUMMARY_DATASET}, x.size, x.split"""
 
 
-class ExplanationDB:
+class ExplanationDB(AuditTables):
     """Store and query attribution maps; see the module docstring for a tour."""
 
     def __init__(self, path: str | os.PathLike, timeout: float = 30.0):
@@ -423,63 +420,6 @@ class ExplanationDB:
             d["detail"] = json.loads(d["detail"])
             out.append(d)
         return out
-
-    def add_audit(self, *, model_id: int, setting_id: int, dataset: str, size: int, split: str, params: dict,
-                  strategies: list[dict], members: dict[str, np.ndarray]) -> int:
-        """Store a shortcut audit (audit.py) of these maps in one transaction, replacing the audit of
-        the same (model, setting, data). strategies: dicts of STRATEGY_COLUMNS (rank 1: the class's
-        most suspicious) with "exemplars", attribution ids; members: per audited map its
-        "attribution_id", "strategy" (position in `strategies`) and MEMBER_COLUMNS. Returns the id."""
-        ids = ints("attribution_id", members["attribution_id"])
-        where = ints("strategy", members["strategy"], len(ids))
-        if len(ids) and (where.min() < 0 or where.max() >= len(strategies)):
-            raise ValueError("add_audit: a member's strategy is not one of the strategies given")
-        cols = {c: floats(c, members[c], len(ids)) for c in MEMBER_COLUMNS}
-        key = (int(model_id), int(setting_id), str(dataset), int(size), str(split))
-        try:
-            with self._transaction() as conn:
-                conn.execute("DELETE FROM audits WHERE (model_id, setting_id, dataset, size, split) = (?, ?, ?, ?, ?)", key)
-                # A map audited before under another audit (another selection of the same maps) moves here.
-                conn.execute("DELETE FROM strategy_members WHERE attribution_id IN (SELECT value FROM json_each(?))",
-                             (json.dumps(ids.tolist()),))
-                audit_id = conn.execute("INSERT INTO audits(model_id, setting_id, dataset, size, split, n_maps, "
-                                        "params_json) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                        (*key, len(ids), canonical_json(plain(params)))).lastrowid
-                sids = [conn.execute(
-                    f"INSERT INTO strategies(audit_id, {', '.join(STRATEGY_COLUMNS)}, exemplars_json) "
-                    f"VALUES (?, {', '.join('?' * len(STRATEGY_COLUMNS))}, ?)",
-                    (audit_id, *(plain(s[c]) for c in STRATEGY_COLUMNS),
-                     json.dumps(ints("exemplars", s["exemplars"]).tolist()))).lastrowid for s in strategies]
-                conn.executemany(f"INSERT INTO strategy_members(attribution_id, strategy_id, {', '.join(MEMBER_COLUMNS)}) "
-                                 f"VALUES (?, ?, {', '.join('?' * len(MEMBER_COLUMNS))})",
-                                 zip(ids.tolist(), [sids[w] for w in where.tolist()],
-                                     *(cols[c].tolist() for c in MEMBER_COLUMNS)))
-        except sqlite3.IntegrityError as e:
-            raise ValueError(f"add_audit: {e} (unknown model, setting or attribution id?); nothing was stored") from e
-        return audit_id
-
-    def audit(self, *, model_id: int, setting_id: int, dataset: str, size: int, split: str) -> dict | None:
-        """The stored audit of these maps, or None: its params, n_maps and created_at, "strategies"
-        (dicts of STRATEGY_COLUMNS with "id" and "exemplars", by class then rank) and "members"
-        (arrays: attribution_id, strategy_id, index, target, label, predicted and MEMBER_COLUMNS)."""
-        key = (int(model_id), int(setting_id), str(dataset), int(size), str(split))
-        row = self._conn.execute("SELECT id, n_maps, params_json, created_at FROM audits "
-                                 "WHERE (model_id, setting_id, dataset, size, split) = (?, ?, ?, ?, ?)", key).fetchone()
-        if row is None:
-            return None
-        strategies = [dict(zip(("id", *STRATEGY_COLUMNS, "exemplars"), (*r[:-1], json.loads(r[-1])))) for r in
-                      self._conn.execute(f"SELECT id, {', '.join(STRATEGY_COLUMNS)}, exemplars_json FROM strategies "
-                                         "WHERE audit_id = ? ORDER BY class, rank", (row[0],))]
-        names = ("attribution_id", "strategy_id", "index", "target", "label", "predicted", *MEMBER_COLUMNS)
-        rows = self._conn.execute(
-            f"SELECT m.attribution_id, m.strategy_id, x.idx, a.target, x.label, a.predicted, "
-            f"{', '.join('m.' + c for c in MEMBER_COLUMNS)} FROM strategy_members m "
-            "JOIN strategies s ON s.id = m.strategy_id JOIN attributions a ON a.id = m.attribution_id "
-            "JOIN samples x ON x.id = a.sample_id WHERE s.audit_id = ? ORDER BY m.attribution_id", (row[0],)).fetchall()
-        cols = list(zip(*rows)) if rows else [()] * len(names)
-        members = {n: np.array(v, dtype=np.float64 if n in MEMBER_COLUMNS else np.int64) for n, v in zip(names, cols)}
-        return {"id": row[0], "n_maps": row[1], "params": json.loads(row[2]), "created_at": row[3],
-                "strategies": strategies, "members": members}
 
     def merge_from(self, path: str | os.PathLike) -> dict[str, int]:
         """Copy every model, setting, sample, map and metric of another explanations database here,

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import MEAN, STD, augment, normalize, translate
+from augment import augment, translate
+from data import MEAN, STD, normalize
 from metrics import compute_metrics
 from model import predict
 from runtime import AMP_CHOICES, all_reduce_sum

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import augment as A
 import data as D
 import evaluate
 import model as M
@@ -226,7 +227,7 @@ def test_training_jitter_keeps_shape_range_and_is_deterministic(tiles):
 def test_exact_flips_are_pixel_permutations(tiles):
     """augment with rotate=0: each image becomes one of its 8 dihedral transforms, bit for bit."""
     x = D.normalize(tiles)
-    out = D.augment(x, torch.Generator().manual_seed(0), max_degrees=0)
+    out = A.augment(x, torch.Generator().manual_seed(0), max_degrees=0)
     for i in range(len(x)):
         assert any(torch.equal(out[i], v[0]) for v in M.dihedral(x[i:i + 1])), i
     seen = {next(k for k, v in enumerate(M.dihedral(x[i:i + 1])) if torch.equal(out[i], v[0])) for i in range(len(x))}
@@ -237,10 +238,10 @@ def test_translation_copies_pixels_of_the_reflected_image_and_is_deterministic(t
     """data.translate: each image is a window of its reflect-padded self at an offset within the
     shift, bit for bit (no resampling); same generator, same offsets; shift 0 is the identity."""
     x = D.normalize(tiles)
-    assert D.translate(x, torch.Generator(), 0) is x
-    out = D.translate(x, torch.Generator().manual_seed(3), 2)
+    assert A.translate(x, torch.Generator(), 0) is x
+    out = A.translate(x, torch.Generator().manual_seed(3), 2)
     assert out.shape == x.shape and out.dtype == x.dtype
-    assert torch.equal(out, D.translate(x, torch.Generator().manual_seed(3), 2))
+    assert torch.equal(out, A.translate(x, torch.Generator().manual_seed(3), 2))
     padded = torch.nn.functional.pad(x, [2] * 4, mode="reflect")
     offsets = set()
     for i in range(len(x)):
@@ -249,7 +250,7 @@ def test_translation_copies_pixels_of_the_reflected_image_and_is_deterministic(t
         offsets.add(hits[0])
     assert len(offsets) >= 6  # the offsets vary between images
     with pytest.raises(ValueError, match="larger than 28x28"):
-        D.translate(x, torch.Generator(), 28)
+        A.translate(x, torch.Generator(), 28)
 
 
 class Invariant(torch.nn.Module):
