@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-from data import DataError, augment, denormalize, load_data, normalize, save_npz
+from augment import augment
+from data import DataError, denormalize, load_data, normalize, save_npz
 
 REAL_COUNTS = [147, 78, 26, 60, 112, 60, 85, 28, 122]  # class counts of the 718 subset (data README)
 

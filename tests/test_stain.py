@@ -235,7 +235,7 @@ def test_exact_flips_are_pixel_permutations(tiles):
 
 
 def test_translation_copies_pixels_of_the_reflected_image_and_is_deterministic(tiles):
-    """data.translate: each image is a window of its reflect-padded self at an offset within the
+    """augment.translate: each image is a window of its reflect-padded self at an offset within the
     shift, bit for bit (no resampling); same generator, same offsets; shift 0 is the identity."""
     x = D.normalize(tiles)
     assert A.translate(x, torch.Generator(), 0) is x
