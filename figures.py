@@ -172,6 +172,7 @@ def plot_examples(images, rows: dict, class_names, method: str, path, title: str
     maps of colour channels are summed."""
     n = len(rows["index"])
     fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.3 * n + 0.6), squeeze=False, layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.1, h_pad=0.1)  # inches: savefig's tight box adds its 0.1 in inside the canvas
     for r in range(n):
         img = images[rows["index"][r]].permute(1, 2, 0).numpy()
         img = img[..., 0] if img.shape[-1] == 1 else img
