@@ -48,7 +48,7 @@ ALARM = 0.2        # suspicion at which a strategy is flagged as a likely shortc
 MIN_ALARM = 5      # ... if it has at least this many maps (one or two maps decide nothing about a model)
 K_MAX = 8          # at most this many strategies per class (chosen by the eigengap)
 NEIGHBOURS = 10    # of the k-nearest-neighbour graph the clustering cuts
-JOINED = 0.1       # clusters whose graph conductance is above this are one strategy (merge_overlapping)
+JOINED = 0.1       # clusters whose graph conductance (beyond the k-NN graph's floor) is above this are one strategy
 MIN_CLUSTERED = 2 * NEIGHBOURS  # a class with fewer maps is one strategy
 GROW = 1           # px (at 28) the hot spot is grown by before it is filled, to take its edges too
 TOL = 1e-4         # the causal test's imputation: relative residual of its conjugate gradients (ROAD's: 1e-7)
@@ -312,21 +312,28 @@ def n_strategies(graph, k_max: int = K_MAX) -> int:
     return int(np.argmax(np.diff(ev)) + 1)
 
 
-def merge_overlapping(v: np.ndarray, graph, labels: np.ndarray, joined: float = JOINED) -> np.ndarray:
+def merge_overlapping(v: np.ndarray, graph, labels: np.ndarray, joined: float = JOINED,
+                      k: int = NEIGHBOURS) -> np.ndarray:
     """Merge clusters that are one group cut in pieces. The eigengap can split one continuous group
     (an ink mark on fat and on tumour; a line of maps from faint to strong) into pieces that are not
     strategies of their own. Two clusters are one while they overlap, (s_A + s_B) / |c_A - c_B| > 1
     (Davies and Bouldin's similarity: s the mean distance of a cluster's rows to its centre c), or
-    while the graph joins them, cut(A, B) / min(vol A, vol B) > `joined`; the pair that is most one
-    merges first, until no pair is."""
+    while the graph joins them: the conductance cut(A, B) / min(vol A, vol B), of A the cluster of
+    the smaller volume, beyond the floor a k-nearest-neighbour graph forces on a cluster of m < k + 1
+    rows (each row has k neighbours, at most m - 1 of them inside: a share f = (k - m + 1) / k of its
+    edges leaves the cluster however apart it is), (phi - f) / (1 - f) > `joined`; without the
+    correction a small cluster is joined to its nearest one however apart they are. The pair that is most one
+    merges first, until no pair is. graph: the k-nearest-neighbour graph of v (knn_graph)."""
     labels = np.unique(labels, return_inverse=True)[1]
     while labels.max() > 0:
         one_hot = np.eye(labels.max() + 1)[labels]
         between = one_hot.T @ (graph @ one_hot)  # cut(A, B) off the diagonal, within-weight on it
-        vol = between.sum(1)
-        phi = between / np.minimum(vol[:, None], vol[None, :]).clip(min=1e-12)
+        vol, size = between.sum(1), one_hot.sum(0)
+        smaller = np.where(vol[:, None] <= vol[None, :], size[:, None], size[None, :])
+        floor = np.clip((k - smaller + 1) / k, 0.0, 0.99)
+        phi = (between / np.minimum(vol[:, None], vol[None, :]).clip(min=1e-12) - floor) / (1 - floor)
         centre = (one_hot.T @ v) / one_hot.sum(0)[:, None]
-        spread = np.array([np.linalg.norm(v[labels == k] - centre[k], axis=1).mean() for k in range(len(centre))])
+        spread = np.array([np.linalg.norm(v[labels == j] - centre[j], axis=1).mean() for j in range(len(centre))])
         apart = np.linalg.norm(centre[:, None] - centre[None], axis=2)
         overlap = (spread[:, None] + spread[None]) / apart.clip(min=1e-12)
         one = np.maximum(overlap, phi / joined)

@@ -4,12 +4,14 @@ learnt one?
 
     python bench/bench.py audit --models runs/planted-models   # bench/planted.py's models, trained if missing
     python bench/bench.py audit --models runs/planted-models --fold-ids 0 --json audit.json
+    python bench/bench.py audit --models runs/planted-models --share 0.15 --draw 1   # another selection
 
 The models are bench/planted.py's (the 718 real test-split images, 5 stratified folds, seed 0, three
 LightCNNs per fold trained with train.py's defaults: one on clean images, two with four kinds of mark
 each drawn on every training image of the mark's class). The audited selection is all 718 images as
 a lab would meet them: the mark drawn on a seeded SHARE of the images of *every* class, as pen marks
-are on some slides and not others. (A held-out fold has some 16 images per class, too few to group
+are on some slides and not others (--share and --draw audit another selection: other images, a
+rarer mark, on which none of the audit's choices were made). (A held-out fold has some 16 images per class, too few to group
 into strategies; the fold's training images never carried a mark outside its class, so a mark that
 turns one of them to the mark's class is the shortcut at work there too.) Every image is explained
 with explain.py's default method at its predicted class, then audited as explain.py --audit audits
@@ -39,14 +41,21 @@ SHARE = 0.3    # of each class's images carry the mark
 ENTRY = "(Blur IG + LRP) × Grad-CAM"  # explain.py's default method (bench/xai.py's name for it)
 
 
-def carriers(labels: np.ndarray, mark: str, fold: int) -> np.ndarray:
-    """bool per image: a seeded SHARE of every class's images carries the mark."""
-    rng = np.random.default_rng([fold, sum(map(ord, mark))])
+def carriers(labels: np.ndarray, mark: str, fold: int, share: float = SHARE, draw: int = 0) -> np.ndarray:
+    """bool per image: a seeded share of every class's images carries the mark; another draw picks
+    other images (draw 0 is the benchmark's own selection)."""
+    rng = np.random.default_rng([fold, sum(map(ord, mark))] + ([draw] if draw else []))
     out = np.zeros(len(labels), bool)
     for c in np.unique(labels):
         rows = np.flatnonzero(labels == c)
-        out[rng.choice(rows, int(round(SHARE * len(rows))), replace=False)] = True
+        out[rng.choice(rows, int(round(share * len(rows))), replace=False)] = True
     return out
+
+
+def maps_cache(folder, f: int, group: int, share: float = SHARE, draw: int = 0) -> Path:
+    """Where the maps of fold f's model are kept: those of the benchmark's selection, or of another."""
+    tail = "" if (share, draw) == (SHARE, 0) else f"-share{share:g}-draw{draw}"
+    return Path(folder) / f"maps-fold{f}-group{group}{tail}.pt"
 
 
 def _kept(cache: Path) -> dict:
@@ -55,22 +64,26 @@ def _kept(cache: Path) -> dict:
     return kept if kept.get("entry") == ENTRY else {"entry": ENTRY}
 
 
-def explained(net, refs, base, base_pred, y, seeds, marks, f: int, cache: Path, task: str, seconds: dict):
+def explained(net, refs, base, base_pred, y, seeds, marks, f: int, cache: Path, task: str, seconds: dict,
+              share: float = SHARE, draw: int = 0, base_from: Path | None = None):
     """mark -> (images, predictions, maps, carriers) of the selection with that mark drawn (None: no
     mark), every image explained at its prediction with ENTRY. The unmarked images' maps are
-    computed once and shared; all are kept in `cache`, so audits can be rerun without the maps."""
+    computed once and shared (or taken from `base_from`, another selection's cache of the same
+    model); all are kept in `cache`, so audits can be rerun without the maps."""
     import planted
     import xai
     from marks import plant
     from model import predict
     kept = _kept(cache)
+    if "base" not in kept and base_from is not None and "base" in _kept(base_from):
+        kept["base"] = _kept(base_from)["base"]
     if "base" not in kept:
         t0 = time.perf_counter()
         kept["base"] = xai.explain(ENTRY, net, base, torch.from_numpy(base_pred), seeds, refs)
         seconds.setdefault("maps", []).append((time.perf_counter() - t0) / len(base))
     for mark in marks:
         if mark is not None and mark not in kept:
-            rows = np.flatnonzero(carriers(y, mark, f))
+            rows = np.flatnonzero(carriers(y, mark, f, share, draw))
             x = plant(base[rows], mark, planted.mark_seeds(rows, mark, 3))[0]
             pred = predict(net, x, 256, "cpu", task).argmax(1)
             kept[mark] = {"rows": torch.from_numpy(rows), "x": x, "pred": torch.from_numpy(pred),
@@ -88,9 +101,9 @@ def explained(net, refs, base, base_pred, y, seeds, marks, f: int, cache: Path, 
     return of
 
 
-def audit_job(real: str, k: int, f: int, folder: str, groups=None) -> dict:
+def audit_job(real: str, k: int, f: int, folder: str, groups=None, share: float = SHARE, draw: int = 0) -> dict:
     """Every audit of fold f: each planted model on each of its marks, the clean model on the
-    unmarked images and on every mark's selection."""
+    unmarked images and on every mark's selection (the mark on `share` of each class, draw `draw`)."""
     torch.set_num_threads(1)
     import planted
     from audit import FEATURES, audit_maps, describe
@@ -110,8 +123,8 @@ def audit_job(real: str, k: int, f: int, folder: str, groups=None) -> dict:
         base = images
         base_pred = predict(net, base, 256, "cpu", data.task).argmax(1)
         marks = list(planted.GROUPS[group]) if group >= 0 else [None] + all_marks
-        maps_of = explained(net, refs, base, base_pred, y, seeds, marks, f,
-                            Path(folder) / f"maps-fold{f}-group{group}.pt", data.task, out["seconds"])
+        maps_of = explained(net, refs, base, base_pred, y, seeds, marks, f, maps_cache(folder, f, group, share, draw),
+                            data.task, out["seconds"], share, draw, base_from=maps_cache(folder, f, group))
         for mark in marks:
             x, pred, maps, carries = maps_of(mark)
             row = {"mark": mark, "carries": int(carries.sum()), "pred": pred.tolist(), "base_pred": base_pred.tolist(),
@@ -163,8 +176,11 @@ def on_the_map(xy: np.ndarray, caused: np.ndarray, carries: np.ndarray) -> dict:
             "tiles": len(shown), "tiles_caused": int(caused[shown].sum()), "tiles_marked": int(carries[shown].sum())}
 
 
-def run(real: Path, k: int = 5, folds=None, workers: int = 2, models: str = "runs/planted-models") -> dict:
-    """Train what bench/planted.py's folder lacks, then every fold's audits in `workers` processes."""
+def run(real: Path, k: int = 5, folds=None, workers: int = 2, models: str = "runs/planted-models",
+        share: float = SHARE, draw: int = 0) -> dict:
+    """Train what bench/planted.py's folder lacks, then every fold's audits in `workers` processes,
+    the mark drawn on `share` of each class's images (draw 0: the benchmark's selection; another
+    draw and share: a selection the audit's choices were not made on)."""
     import planted
     folds = list(range(k) if folds is None else folds)
     here = Path(__file__).resolve()
@@ -176,8 +192,8 @@ def run(real: Path, k: int = 5, folds=None, workers: int = 2, models: str = "run
                    for g in (-1, *range(len(planted.GROUPS))) if not (Path(models) / f"fold{f}-group{g}.pt").exists()]
         for t in trained:
             print(f"trained {Path(t.result()).stem}", flush=True)
-        jobs = [pool.submit(audit_job, str(real), k, f, models) for f in folds]
-        return {"k": k, "share": SHARE, "folds": [j.result() for j in jobs]}
+        jobs = [pool.submit(audit_job, str(real), k, f, models, None, share, draw) for f in folds]
+        return {"k": k, "share": share, "draw": draw, "folds": [j.result() for j in jobs]}
 
 
 def speed(real: Path, models: str, tmp: str = "", n_copies: int = 10) -> dict:
@@ -337,7 +353,7 @@ def figure(real: Path, models: str, path: Path, fold: int = 0, k: int = 5, n_sho
         base_pred = predict(net, images, 256, "cpu", data.task).argmax(1)
         marks = list(planted.GROUPS[group]) if group >= 0 else [None]
         of = explained(net, refs, images, base_pred, labels, seeds, marks, fold,
-                       Path(models) / f"maps-fold{fold}-group{group}.pt", data.task, {})
+                       maps_cache(models, fold, group), data.task, {})
         for mark in marks:
             x, pred, maps, carries = of(mark)
             found = audit_maps(net, layer, x, maps, pred, seeds)
@@ -399,7 +415,7 @@ def map_figure(real: Path, models: str, path: Path, fold: int = 0, mark: str = "
     layer = net.get_submodule(GRADCAM_LAYERS["lightcnn"])
     base_pred = predict(net, images, 256, "cpu", data.task).argmax(1)
     x, pred, maps, carries = explained(net, refs, images, base_pred, labels, seeds, [mark], fold,
-                                       Path(models) / f"maps-fold{fold}-group{group}.pt", data.task, {})(mark)
+                                       maps_cache(models, fold, group), data.task, {})(mark)
     caused = carries & (pred == c) & (base_pred != c)
     found = audit_maps(net, layer, x, maps, pred, seeds)
     places = {"the report's map: the audit's descriptions of the maps": np.stack([found.per_map["x"], found.per_map["y"]], 1),

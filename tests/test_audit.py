@@ -152,6 +152,37 @@ def test_many_rows_take_their_neighbours_strategy(monkeypatch):
     assert len(np.unique(labels[:45])) == 1 and len(np.unique(labels[45:])) == 1 and labels[0] != labels[-1]
 
 
+def small_and_large_piece(inside: float, across: float):
+    """A hand-made graph: a piece of 5 rows, each joined to the 4 others (weight `inside`) and to 6
+    rows of a piece of 30 (weight `across`), the 30 joined in a ring to their 10 nearest (weight 1);
+    the two pieces' vectors far apart (their Davies-Bouldin similarity well under 1)."""
+    import scipy.sparse as sp
+    w = np.zeros((35, 35))
+    w[:5, :5] = inside
+    for i in range(5):
+        w[i, 5 + (6 * i + np.arange(6)) % 30] = across
+    for i in range(30):
+        w[5 + i, 5 + (i + np.arange(1, 6)) % 30] = 1.0
+    w = np.maximum(w, w.T)
+    np.fill_diagonal(w, 0)
+    v = np.concatenate([np.tile([1.0, 0], (5, 1)), np.tile([0, 1.0], (30, 1))])
+    v += 0.01 * np.random.default_rng(0).standard_normal(v.shape)
+    return v, sp.csr_matrix(w), np.repeat([0, 1], [5, 30])
+
+
+def test_a_small_piece_is_not_joined_for_the_edges_the_k_nn_graph_forces_out_of_it():
+    # Each of the 5 rows has 10 neighbours and only 4 inside: 6 of 10 edges must leave (floor 0.6).
+    # inside 1, across 0.5: conductance 15 / 35 = 0.43 > 0.1, but (0.43 - 0.6) / 0.4 < 0: apart.
+    v, g, pieces = small_and_large_piece(inside=1.0, across=0.5)
+    assert len(np.unique(audit.merge_overlapping(v, g, pieces, joined=0.1, k=10))) == 2
+    # The same graph read as a 4-nearest-neighbour graph has no floor for 5 rows: joined.
+    assert len(np.unique(audit.merge_overlapping(v, g, pieces, joined=0.1, k=4))) == 1
+    # A piece barely joined inside (0.1) whose rows lean on the large piece (1.0): conductance
+    # 30 / 32 = 0.94, (0.94 - 0.6) / 0.4 = 0.84 > 0.1: a fragment of the large piece, joined.
+    v, g, pieces = small_and_large_piece(inside=0.1, across=1.0)
+    assert len(np.unique(audit.merge_overlapping(v, g, pieces, joined=0.1, k=10))) == 1
+
+
 def test_the_audit_puts_the_shortcut_first_and_alone(case):
     model, images, maps, classes, centres = case
     found = audit.audit_maps(model, model.layer, images, maps, classes, list(range(len(maps))))

@@ -172,6 +172,21 @@ def test_the_audit_benchmark_audits_the_maps_explain_py_makes_by_default():
     assert xai.ENTRIES[shortcuts.ENTRY] == (ExplainConfig().methods, {})
 
 
+def test_the_audit_benchmark_marks_its_share_of_every_class_and_another_draw_marks_other_images():
+    _bench()
+    import shortcuts
+    labels = np.repeat(np.arange(9), [80, 80, 80, 80, 80, 80, 80, 80, 78])
+    mine = shortcuts.carriers(labels, "tinted square", 0)
+    assert [mine[labels == c].sum() for c in range(9)] == [24] * 8 + [23]  # round(0.3 x n) of each class
+    rarer = shortcuts.carriers(labels, "tinted square", 0, share=0.15, draw=1)
+    assert [rarer[labels == c].sum() for c in range(9)] == [12] * 9
+    other = shortcuts.carriers(labels, "tinted square", 0, draw=1)
+    assert other.sum() == mine.sum() and (other & mine).sum() < 0.5 * mine.sum()  # other images, about 30% shared
+    # the benchmark's own selection keeps the kept maps' file; another selection has its own
+    assert shortcuts.maps_cache("m", 0, 1).name == "maps-fold0-group1.pt"
+    assert shortcuts.maps_cache("m", 0, 1, 0.15, 1).name == "maps-fold0-group1-share0.15-draw1.pt"
+
+
 def test_each_fold_plants_its_marks_on_distinct_classes():
     planted = _bench()
     for f in range(5):
