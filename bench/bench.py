@@ -350,7 +350,8 @@ def main() -> None:
     p.add_argument("--models", default="", help="planted, audit: keep the trained models in this folder and reuse "
                    "those already there (audit: runs/planted-models by default; its maps are kept there too)")
     p.add_argument("--fold-ids", default="", help="planted, audit: only these comma-separated folds (e.g. 0,1)")
-    p.add_argument("--share", type=float, default=0.3, help="audit: the share of each class's images the mark is drawn on")
+    p.add_argument("--share", type=float, default=None, help="audit: the share of each class's images the mark is "
+                   "drawn on (default: bench/shortcuts.py's SHARE, 0.3)")
     p.add_argument("--draw", type=int, default=0, help="audit: which images carry it (0: the benchmark's own "
                    "selection; another draw checks the audit on images its choices were not made on)")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
@@ -410,7 +411,8 @@ def main() -> None:
         print(f"machine: {machine()}", flush=True)
         folds = [int(f) for f in args.fold_ids.split(",") if f] or None
         results = shortcuts.run(Path(args.real), k=args.folds, folds=folds, workers=args.workers,
-                                models=args.models or "runs/planted-models", share=args.share, draw=args.draw)
+                                models=args.models or "runs/planted-models",
+                                share=shortcuts.SHARE if args.share is None else args.share, draw=args.draw)
         results["speed"] = shortcuts.speed(Path(args.real), args.models or "runs/planted-models", args.tmp)
         print(shortcuts.report(results))
         if args.figure:  # images/audit_planted.png: fold 0's audits, from the maps kept with the models

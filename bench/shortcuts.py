@@ -275,7 +275,7 @@ def summary(out: dict, kind: str = "evidence") -> dict:
 def report(out: dict) -> str:
     """Markdown: per kind of map description, every learnt (mark, fold) and every clean fold."""
     from audit import ALARM, MIN_ALARM
-    lines = []
+    lines = [f"Selection: each mark on {out.get('share', SHARE):.0%} of every class's images, draw {out.get('draw', 0)}.", ""]
     for kind in out["folds"][0]["planted"][0]["features"]:
         s = summary(out, kind)
         found, alarmed = sum(r["found"] for r in s["planted"]), sum(r["alarm"] and r["found"] for r in s["planted"])
