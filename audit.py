@@ -322,8 +322,8 @@ def merge_overlapping(v: np.ndarray, graph, labels: np.ndarray, joined: float = 
     the smaller volume, beyond the floor a k-nearest-neighbour graph forces on a cluster of m < k + 1
     rows (each row has k neighbours, at most m - 1 of them inside: a share f = (k - m + 1) / k of its
     edges leaves the cluster however apart it is), (phi - f) / (1 - f) > `joined`; without the
-    correction a small cluster is joined to its nearest one however apart they are. The pair that is most one
-    merges first, until no pair is. graph: the k-nearest-neighbour graph of v (knn_graph)."""
+    correction a small cluster is joined to its nearest one however apart they are. The pair that
+    is most one merges first, until no pair is. graph: the k-nearest-neighbour graph of v (knn_graph)."""
     labels = np.unique(labels, return_inverse=True)[1]
     while labels.max() > 0:
         one_hot = np.eye(labels.max() + 1)[labels]

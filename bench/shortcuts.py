@@ -11,11 +11,11 @@ LightCNNs per fold trained with train.py's defaults: one on clean images, two wi
 each drawn on every training image of the mark's class). The audited selection is all 718 images as
 a lab would meet them: the mark drawn on a seeded SHARE of the images of *every* class, as pen marks
 are on some slides and not others (--share and --draw audit another selection: other images, a
-rarer mark, on which none of the audit's choices were made). (A held-out fold has some 16 images per class, too few to group
-into strategies; the fold's training images never carried a mark outside its class, so a mark that
-turns one of them to the mark's class is the shortcut at work there too.) Every image is explained
-with explain.py's default method at its predicted class, then audited as explain.py --audit audits
-stored maps.
+rarer mark, on which none of the audit's choices were made). (A held-out fold has some 16 images per
+class, too few to group into strategies; the fold's training images never carried a mark outside
+its class, so a mark that turns one of them to the mark's class is the shortcut at work there too.)
+Every image is explained with explain.py's default method at its predicted class, then audited as
+explain.py --audit audits stored maps.
 
 - Planted models, one audit per mark: the mark *caused* a prediction where the marked image is
   predicted as the mark's class and the same image without it is not. The audit's first strategy of
