@@ -332,7 +332,7 @@ def merge_overlapping(v: np.ndarray, graph, labels: np.ndarray, joined: float = 
         smaller = np.where(vol[:, None] <= vol[None, :], size[:, None], size[None, :])
         floor = np.clip((k - smaller + 1) / k, 0.0, 0.99)
         phi = (between / np.minimum(vol[:, None], vol[None, :]).clip(min=1e-12) - floor) / (1 - floor)
-        centre = (one_hot.T @ v) / one_hot.sum(0)[:, None]
+        centre = (one_hot.T @ v) / size[:, None]
         spread = np.array([np.linalg.norm(v[labels == j] - centre[j], axis=1).mean() for j in range(len(centre))])
         apart = np.linalg.norm(centre[:, None] - centre[None], axis=2)
         overlap = (spread[:, None] + spread[None]) / apart.clip(min=1e-12)

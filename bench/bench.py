@@ -356,6 +356,8 @@ def main() -> None:
                    "selection; another draw checks the audit on images its choices were not made on)")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     args = p.parse_args()
+    if args.share is not None and not 0 < args.share <= 1:
+        p.error(f"--share is a share of each class's images, in (0, 1]; got {args.share}")
     if set(args.only) - set(SECTIONS):
         p.error(f"--only takes a comma-separated subset of {','.join(SECTIONS)}")
     args.n_train = args.n_train or (4096 if args.mode == "speed" else 10000)

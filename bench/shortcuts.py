@@ -75,8 +75,8 @@ def explained(net, refs, base, base_pred, y, seeds, marks, f: int, cache: Path, 
     from marks import plant
     from model import predict
     kept = _kept(cache)
-    if "base" not in kept and base_from is not None and "base" in _kept(base_from):
-        kept["base"] = _kept(base_from)["base"]
+    if "base" not in kept and base_from is not None:
+        kept.update({k: v for k, v in _kept(base_from).items() if k == "base"})
     if "base" not in kept:
         t0 = time.perf_counter()
         kept["base"] = xai.explain(ENTRY, net, base, torch.from_numpy(base_pred), seeds, refs)
