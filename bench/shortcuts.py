@@ -23,6 +23,8 @@ explain.py --audit audits stored maps.
   share of the caused images it holds) and precision (the share of its images that carry the mark;
   the stricter share that the mark caused is reported too), and whether it raised an alarm
   (audit.alarmed: suspicion >= 0.2 over >= 5 images).
+- The same audit with each carrier's map replaced by its mark's mask (oracle_maps): a miss that a
+  perfect explanation would not fix is the audit's own.
 - Clean models: one audit of the unmarked images and one per mark's selection: the highest suspicion
   of any strategy of any class, and whether one raised an alarm (a false alarm: no mark was learnt).
 Both kinds of map description (audit.FEATURES) are audited on the same maps.
@@ -70,9 +72,7 @@ def explained(net, refs, base, base_pred, y, seeds, marks, f: int, cache: Path, 
     mark), every image explained at its prediction with ENTRY. The unmarked images' maps are
     computed once and shared (or taken from `base_from`, another selection's cache of the same
     model); all are kept in `cache`, so audits can be rerun without the maps."""
-    import planted
     import xai
-    from marks import plant
     from model import predict
     kept = _kept(cache)
     if "base" not in kept and base_from is not None:
@@ -84,7 +84,7 @@ def explained(net, refs, base, base_pred, y, seeds, marks, f: int, cache: Path, 
     for mark in marks:
         if mark is not None and mark not in kept:
             rows = np.flatnonzero(carriers(y, mark, f, share, draw))
-            x = plant(base[rows], mark, planted.mark_seeds(rows, mark, 3))[0]
+            x = drawn(base, rows, mark)[0]
             pred = predict(net, x, 256, "cpu", task).argmax(1)
             kept[mark] = {"rows": torch.from_numpy(rows), "x": x, "pred": torch.from_numpy(pred),
                           "maps": xai.explain(ENTRY, net, x, torch.from_numpy(pred), seeds[rows], refs)}
@@ -99,6 +99,25 @@ def explained(net, refs, base, base_pred, y, seeds, marks, f: int, cache: Path, 
             x[rows], pred[rows], maps[rows], carries[rows] = k["x"], k["pred"].numpy(), k["maps"], True
         return x, pred, maps, carries
     return of
+
+
+def drawn(base: torch.Tensor, rows: np.ndarray, mark: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images `rows` of base with the mark drawn, and its masks: the same places on every call."""
+    import planted
+    from marks import plant
+    return plant(base[rows], mark, planted.mark_seeds(rows, mark, 3))
+
+
+def oracle_maps(base: torch.Tensor, maps: torch.Tensor, carries: np.ndarray, mark: str) -> torch.Tensor:
+    """(N, H, W): the maps with each carrier's replaced by its mark's mask (drawn again from the same
+    seeds as explained() drew it), the map a perfect explanation of a learnt mark would give. Audited
+    like the stored maps, it tells a miss of the explanation (the mark found with its mask) from a miss
+    of the audit's own tests (missed with its mask too)."""
+    maps = torch.as_tensor(maps).float()
+    out = (maps.sum(1) if maps.ndim == 4 else maps).clone()
+    rows = np.flatnonzero(carries)
+    out[rows] = drawn(base, rows, mark)[1].float()
+    return out
 
 
 def audit_job(real: str, k: int, f: int, folder: str, groups=None, share: float = SHARE, draw: int = 0) -> dict:
@@ -161,6 +180,13 @@ def audit_job(real: str, k: int, f: int, folder: str, groups=None, share: float 
                     r["max_other_suspicion"] = max(others) if others else 0.0
                     r["map"] = on_the_map(np.stack([found.per_map["x"], found.per_map["y"]], 1), caused, carries)
                 row["features"][kind] = r
+            if group >= 0 and carries.any():
+                found = audit_maps(net, layer, x, oracle_maps(base, maps, carries, mark), pred, seeds)
+                top = found.strategies[c][0] if c in found.strategies else None
+                row["oracle"] = None if top is None else {
+                    "n": top.n, "suspicion": top.suspicion, "flip": top.flip, "control_flip": top.control_flip,
+                    "atypical": top.atypical, "alarm": top.alarm, "recall": float(caused[top.members].sum() / max(1, caused.sum())),
+                    "precision_marked": float(carries[top.members].mean())}
             out["planted" if group >= 0 else "clean"].append(row)
     return out
 
@@ -245,6 +271,11 @@ def speed(real: Path, models: str, tmp: str = "", n_copies: int = 10) -> dict:
     return out
 
 
+def held(recall: float, precision: float) -> bool:
+    """The issue's bar for a strategy that found a mark: >= 90% of the images it caused, >= 80% of its images marked."""
+    return recall >= 0.9 and precision >= 0.8
+
+
 def summary(out: dict, kind: str = "evidence") -> dict:
     """The issue's two figures for one kind of map description: per learnt (mark, fold), whether the
     most suspicious strategy of the mark's class holds >= 90% of the images the mark caused at a
@@ -261,11 +292,12 @@ def summary(out: dict, kind: str = "evidence") -> dict:
             top = {"n": best["n"], "suspicion": best["suspicion"], "recall": best["caused"] / r["caused"],
                    "precision_marked": best["marked"] / best["n"], "precision_caused": best["caused"] / best["n"]}
             rows.append({"fold": fold["fold"], "mark": r["mark"], "target": r["target"], "caused": r["caused"], **top,
-                         "found": top["recall"] >= 0.9 and top["precision_marked"] >= 0.8,
+                         "found": held(top["recall"], top["precision_marked"]),
                          "alarm": alarmed(top["suspicion"], top["n"]),
                          "max_other": max([s["suspicion"] for s in r["features"][kind]["strategies"]
                                            if s["cls"] != r["target"] and s["n"] >= MIN_ALARM] or [0.0]),
-                         "map": r["features"][kind].get("map"), "features_alone": r.get("features_alone")})
+                         "map": r["features"][kind].get("map"), "features_alone": r.get("features_alone"),
+                         "oracle": r.get("oracle")})
         strategies = [s for r in fold["clean"] for s in r["features"][kind]["strategies"]]
         clean.append({"fold": fold["fold"], "max_suspicion": max(s["suspicion"] for s in strategies if s["n"] >= MIN_ALARM),
                       "alarm": any(alarmed(s["suspicion"], s["n"]) for s in strategies), "audits": len(fold["clean"])})
@@ -274,17 +306,22 @@ def summary(out: dict, kind: str = "evidence") -> dict:
 
 def report(out: dict) -> str:
     """Markdown: per kind of map description, every learnt (mark, fold) and every clean fold."""
+    import planted
     from audit import ALARM, MIN_ALARM
     lines = [f"Selection: each mark on {out.get('share', SHARE):.0%} of every class's images, draw {out.get('draw', 0)}.", ""]
     for kind in out["folds"][0]["planted"][0]["features"]:
         s = summary(out, kind)
         found, alarmed = sum(r["found"] for r in s["planted"]), sum(r["alarm"] and r["found"] for r in s["planted"])
         false = sum(c["alarm"] for c in s["clean"])
+        folds_of = {m: sum(r["mark"] == m for r in s["planted"]) for m in {r["mark"] for r in s["planted"]}}
+        kinds = [r for r in s["planted"] if folds_of[r["mark"]] >= planted.MIN_FOLDS]
         lines += [f"### Map description: {kind}", "",
                   f"Planted marks (a mark learnt on a fold; {len(s['planted'])} pairs): the first strategy (by suspicion x sqrt(images)) of "
                   f"the mark's class held >= 90% of the images the mark caused at >= 80% precision in {found}; "
                   f"of those, {alarmed} raised the alarm (suspicion >= {ALARM} over >= {MIN_ALARM} images). Clean models: {false} of "
-                  f"{len(s['clean'])} folds raised an alarm.", "",
+                  f"{len(s['clean'])} folds raised an alarm. The kinds of mark the planted benchmark counts as learnt (on >= "
+                  f"{planted.MIN_FOLDS} folds; {', '.join(sorted(m for m, n in folds_of.items() if n < planted.MIN_FOLDS)) or 'none'} "
+                  f"learnt on fewer): {sum(r['alarm'] and r['found'] for r in kinds)} of {len(kinds)} pairs.", "",
                   "| fold | mark | class | caused | top strategy: images | recall | precision (marked) | "
                   "precision (caused) | suspicion | alarm | highest other class's |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in s["planted"]:
@@ -296,6 +333,8 @@ def report(out: dict) -> str:
         lines += [f"| {c['fold']} | {c['audits']} | {c['max_suspicion']:.2f} | {'yes' if c['alarm'] else 'no'} |"
                   for c in s["clean"]]
         lines += ["", *map_table(s["planted"], kind)]
+        if kind == "evidence":
+            lines += oracle_table(s["planted"])
     if "speed" in out:
         sp = out["speed"]
         lines.append(f"Speed: the audit of {sp['maps']} stored maps took {sp['seconds_audit_evidence']:.1f} s (evidence) "
@@ -325,6 +364,29 @@ def map_table(rows: list[dict], kind: str) -> list[str]:
         m, f = r["map"], r["features_alone"]
         out.append(f"| {r['fold']} | {r['mark']} | {r['caused']} | {m['island']:.2f} | {f['island']:.2f} | {m['chance']:.2f} | "
                    f"{m['tiles_caused']} of {m['tiles']} | {f['tiles_caused']} of {f['tiles']} | {'yes' if r['found'] else 'no'} |")
+    return out + [""]
+
+
+def oracle_table(rows: list[dict]) -> list[str]:
+    """Markdown: per learnt (mark, fold), the audit of the stored maps against the audit of the mark's
+    own mask as the map of each image that carries it (oracle_maps): does a miss lie in the maps or in
+    the audit's tests?"""
+    from audit import alarmed
+    rows = [r for r in rows if r.get("oracle")]
+    if not rows:
+        return []
+    hit = lambda o: held(o["recall"], o["precision_marked"]) and alarmed(o["suspicion"], o["n"])
+    both = sum(hit(r["oracle"]) for r in rows)
+    out = [f"The mark's own mask as the map of every image that carries it (a perfect explanation; the other images keep "
+           f"their maps), audited alike: {both} of {len(rows)} pairs found and alarmed, against "
+           f"{sum(r['found'] and r['alarm'] for r in rows)} with the stored maps.", "",
+           "| fold | mark | stored maps: found and alarmed | mask: images | recall | precision (marked) | filled spot changes "
+           "| moved control | unlike tissue | suspicion | found and alarmed |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        o = r["oracle"]
+        out.append(f"| {r['fold']} | {r['mark']} | {'yes' if r['found'] and r['alarm'] else 'no'} | {o['n']} | {o['recall']:.2f} | "
+                   f"{o['precision_marked']:.2f} | {o['flip']:.2f} | {o['control_flip']:.2f} | {o['atypical']:.2f} | "
+                   f"{o['suspicion']:.2f} | {'yes' if hit(o) else 'no'} |")
     return out + [""]
 
 

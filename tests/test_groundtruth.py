@@ -187,6 +187,23 @@ def test_the_audit_benchmark_marks_its_share_of_every_class_and_another_draw_mar
     assert shortcuts.maps_cache("m", 0, 1, 0.15, 1).name == "maps-fold0-group1-share0.15-draw1.pt"
 
 
+def test_the_audit_benchmarks_oracle_maps_are_the_masks_of_the_marks_drawn_on_the_audited_images():
+    _bench()
+    import shortcuts
+    base = torch.from_numpy(np.random.default_rng(0).integers(60, 200, (12, 3, 28, 28), dtype=np.uint8))
+    maps = torch.randn(12, 3, 28, 28)
+    carries = np.zeros(12, bool)
+    carries[[1, 4, 5, 9]] = True
+    rows = np.flatnonzero(carries)
+    marked = base.clone()
+    marked[rows] = shortcuts.drawn(base, rows, "wide green blob")[0]  # as explained() draws them
+    oracle = shortcuts.oracle_maps(base, maps, carries, "wide green blob")
+    # an opaque blob changes every pixel it covers: its mask is exactly where the marked image differs
+    assert torch.equal(oracle[rows].bool(), (marked[rows] != base[rows]).any(1))
+    assert all(20 < oracle[i].sum() < 60 for i in rows)  # a disk 7 px across (38 px)
+    assert torch.equal(oracle[~torch.from_numpy(carries)], maps.sum(1)[~torch.from_numpy(carries)])  # others as they were
+
+
 def test_each_fold_plants_its_marks_on_distinct_classes():
     planted = _bench()
     for f in range(5):
