@@ -172,23 +172,25 @@ def audit_job(real: str, k: int, f: int, folder: str, groups=None, share: float 
                      "per_map": {n: np.asarray(v, np.float64).round(4).tolist() for n, v in found.per_map.items()}}
                 if group >= 0:
                     top = found.strategies[c][0] if c in found.strategies else None
-                    r["top"] = None if top is None else {
-                        "n": top.n, "suspicion": top.suspicion, "recall": float(caused[top.members].sum() / max(1, caused.sum())),
-                        "precision_marked": float(carries[top.members].mean()),
-                        "precision_caused": float(caused[top.members].mean())}
+                    r["top"] = None if top is None else scored(top, caused, carries)
                     others = [s["suspicion"] for s in strategies if s["cls"] != c]
                     r["max_other_suspicion"] = max(others) if others else 0.0
                     r["map"] = on_the_map(np.stack([found.per_map["x"], found.per_map["y"]], 1), caused, carries)
                 row["features"][kind] = r
             if group >= 0 and carries.any():
                 found = audit_maps(net, layer, x, oracle_maps(base, maps, carries, mark), pred, seeds)
-                top = found.strategies[c][0] if c in found.strategies else None
-                row["oracle"] = None if top is None else {
-                    "n": top.n, "suspicion": top.suspicion, "flip": top.flip, "control_flip": top.control_flip,
-                    "atypical": top.atypical, "alarm": top.alarm, "recall": float(caused[top.members].sum() / max(1, caused.sum())),
-                    "precision_marked": float(carries[top.members].mean())}
+                row["oracle"] = scored(found.strategies[c][0], caused, carries) if c in found.strategies else None
             out["planted" if group >= 0 else "clean"].append(row)
     return out
+
+
+def scored(s, caused: np.ndarray, carries: np.ndarray) -> dict:
+    """A strategy's numbers for the benchmark: its tests, and how much of the mark it holds (recall:
+    share of the images the mark caused; precision: share of its images that carry the mark, or
+    that the mark caused)."""
+    return {"n": s.n, "suspicion": s.suspicion, "flip": s.flip, "control_flip": s.control_flip, "atypical": s.atypical,
+            "alarm": s.alarm, "recall": float(caused[s.members].sum() / max(1, caused.sum())),
+            "precision_marked": float(carries[s.members].mean()), "precision_caused": float(caused[s.members].mean())}
 
 
 def on_the_map(xy: np.ndarray, caused: np.ndarray, carries: np.ndarray) -> dict:
@@ -371,11 +373,10 @@ def oracle_table(rows: list[dict]) -> list[str]:
     """Markdown: per learnt (mark, fold), the audit of the stored maps against the audit of the mark's
     own mask as the map of each image that carries it (oracle_maps): does a miss lie in the maps or in
     the audit's tests?"""
-    from audit import alarmed
     rows = [r for r in rows if r.get("oracle")]
     if not rows:
         return []
-    hit = lambda o: held(o["recall"], o["precision_marked"]) and alarmed(o["suspicion"], o["n"])
+    hit = lambda o: held(o["recall"], o["precision_marked"]) and o["alarm"]
     both = sum(hit(r["oracle"]) for r in rows)
     out = [f"The mark's own mask as the map of every image that carries it (a perfect explanation; the other images keep "
            f"their maps), audited alike: {both} of {len(rows)} pairs found and alarmed, against "
