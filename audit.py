@@ -28,6 +28,8 @@ Its **suspicion** is (flip - control flip, at least 0) x atypical share: a short
 a small place, unlike tissue, that decides the prediction. A class's strategies are ranked by
 suspicion x sqrt(maps) (evidence()); a strategy of at least MIN_ALARM maps whose suspicion reaches
 ALARM raises an alarm (alarmed(), in the report and bench/bench.py audit).
+A strategy that raises the alarm then takes in the maps of its class that its kind of spot decided
+elsewhere (recruit()): a mark on other tissue can look to the model like that tissue's maps.
 """
 from __future__ import annotations
 
@@ -201,12 +203,17 @@ def content(images: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.cat([(x * w).sum((2, 3)), (texture * w).sum((2, 3)), (chroma * w).sum((2, 3))], 1) / total
 
 
-def robust_z(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Per row, the largest |value - median| / (1.4826 MAD) over the columns, median and MAD of
-    `reference`. A MAD under 1e-3 counts as 1e-3."""
+def signed_z(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """(value - median) / (1.4826 MAD) per column, median and MAD of `reference`. A MAD under 1e-3
+    counts as 1e-3."""
     med = reference.median(0).values
     mad = (reference - med).abs().median(0).values * 1.4826
-    return ((values - med).abs() / mad.clamp(min=1e-3)).max(1).values
+    return (values - med) / mad.clamp(min=1e-3)
+
+
+def robust_z(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per row, the largest robust z-score (signed_z) in absolute value over the columns."""
+    return signed_z(values, reference).abs().max(1).values
 
 
 def fill(x: torch.Tensor, regions: torch.Tensor, seeds, tol: float = TOL, noise: float = NOISE) -> torch.Tensor:
@@ -369,6 +376,28 @@ def cluster(v: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.unique(labels, return_inverse=True)[1].astype(np.int64)
 
 
+def recruit(groups: list[np.ndarray], alarm: list[bool], evidence: list[float], flip: np.ndarray,
+            atypical: np.ndarray, direction: np.ndarray) -> list[np.ndarray]:
+    """The maps a shortcut decided outside its strategy. Clustering groups a class's maps by what the
+    model sees at their hot spots, and a mark on other tissue can look like that tissue's maps to it:
+    a debris image called background because of a green blob lies with the background images that
+    carry the blob and are background with or without it. So each alarmed group (the strongest
+    evidence first) takes in, from the groups that raise no alarm, every map whose own hot spot
+    decided its prediction (flip), is unlike tissue (atypical) and unlike it the same way: its
+    content's signed z-scores (direction, (N, d)) at a positive cosine with their mean over the
+    group's atypical maps. Returns the groups, empty ones dropped; indices are rows of flip etc."""
+    groups = [np.asarray(g) for g in groups]
+    unit = direction / np.maximum(np.linalg.norm(direction, axis=1, keepdims=True), 1e-12)
+    cold = [j for j, a in enumerate(alarm) if not a]
+    for j in sorted((j for j, a in enumerate(alarm) if a), key=lambda j: -evidence[j]):
+        way = direction[groups[j][atypical[groups[j]]]].mean(0)
+        for t in cold:
+            m = groups[t]
+            taken = flip[m] & atypical[m] & (unit[m] @ way > 0)
+            groups[j], groups[t] = np.concatenate([groups[j], m[taken]]), m[~taken]
+    return [g for g in groups if len(g)]
+
+
 # ------------------------------------------------------------------------------------------------
 # The audit
 
@@ -404,7 +433,8 @@ def audit_maps(model, layer, images: torch.Tensor, maps: torch.Tensor, classes, 
     # tissue; the dark nuclei a class is recognised by are like the tissue of some class).
     weights = pos * spot
     inside, elsewhere = content(images, weights), content(images, shift(weights, moves))
-    z_all, z_class = robust_z(inside, elsewhere).numpy(), np.zeros(len(maps))
+    direction = signed_z(inside, elsewhere)
+    z_all, z_class = direction.abs().max(1).values.numpy(), np.zeros(len(maps))
     by_class = {c: np.flatnonzero(classes.numpy() == c) for c in np.unique(classes.numpy()).tolist()}
     for rows in by_class.values():
         z_class[rows] = robust_z(inside[rows], elsewhere[rows]).numpy()
@@ -413,18 +443,22 @@ def audit_maps(model, layer, images: torch.Tensor, maps: torch.Tensor, classes, 
     xy = layout(vectors)  # the map of the data set the report draws (mosaic.py)
     member_of = np.full(len(maps), -1, np.int64)
     per_class: dict[int, list[Strategy]] = {}
+
+    def strategy(c: int, members: np.ndarray) -> Strategy:
+        centre = vectors[members].mean(0)
+        return Strategy(
+            cls=c, members=members, flip=float(flip[members].mean()),
+            control_flip=float(control_flip[members].mean()), atypical=float(atypical[members].mean()),
+            area=float(np.median(area[members])), concentration=float(np.median(concentration[members])),
+            prob_drop=float(drop[members].mean()),
+            exemplars=members[np.argsort(-(vectors[members] @ centre), kind="stable")[:n_exemplars]])
+
     for c, rows in by_class.items():
         labels = cluster(vectors[rows])
-        found = []
-        for k in range(labels.max() + 1):
-            members = rows[labels == k]
-            centre = vectors[members].mean(0)
-            found.append(Strategy(
-                cls=c, members=members, flip=float(flip[members].mean()),
-                control_flip=float(control_flip[members].mean()), atypical=float(atypical[members].mean()),
-                area=float(np.median(area[members])), concentration=float(np.median(concentration[members])),
-                prob_drop=float(drop[members].mean()),
-                exemplars=members[np.argsort(-(vectors[members] @ centre), kind="stable")[:n_exemplars]]))
+        found = [strategy(c, rows[labels == k]) for k in range(labels.max() + 1)]
+        groups = recruit([s.members for s in found], [s.alarm for s in found], [s.evidence for s in found],
+                         flip, atypical, direction.numpy())
+        found = [strategy(c, np.sort(g)) for g in groups]
         per_class[c] = sorted(found, key=lambda s: (-s.evidence, -s.flip, -s.n))
     result = Audit(per_class, member_of, {
         "flip": flip, "control_flip": control_flip, "atypical": atypical, "z_class": z_class, "z_all": z_all,

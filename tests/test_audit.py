@@ -183,6 +183,27 @@ def test_a_small_piece_is_not_joined_for_the_edges_the_k_nn_graph_forces_out_of_
     assert len(np.unique(audit.merge_overlapping(v, g, pieces, joined=0.1, k=10))) == 1
 
 
+def test_an_alarmed_strategy_takes_in_the_maps_its_kind_of_spot_decided_elsewhere():
+    # A: alarmed, its spots unlike tissue in direction (1, 0) (say greener than tissue); C: alarmed too,
+    # direction (0, 1), weaker evidence. B and D raise no alarm.
+    groups = [np.arange(0, 6), np.arange(6, 12), np.arange(12, 18), np.array([18])]
+    flip = np.zeros(19, bool)
+    atypical = np.zeros(19, bool)
+    direction = np.zeros((19, 2))
+    flip[:6], atypical[:6], direction[:6] = True, True, [1.0, 0]
+    flip[12:18], atypical[12:18], direction[12:18] = True, True, [0, 1.0]
+    flip[6], atypical[6], direction[6] = True, True, [1.0, 0.5]    # decided, unlike tissue A's way: to A
+    flip[7], atypical[7], direction[7] = True, True, [-1.0, 0]     # unlike tissue the other way: stays
+    flip[8], direction[8] = True, [1.0, 0]                         # decided but like tissue: stays
+    atypical[9], direction[9] = True, [1.0, 0]                     # unlike tissue but decided nothing: stays
+    flip[18], atypical[18], direction[18] = True, True, [1.0, 1.0]  # A's way and C's: the stronger evidence takes it
+    out = audit.recruit(groups, [True, False, True, False], [2.0, 0.0, 1.0, 0.0], flip, atypical, direction)
+    assert [sorted(g.tolist()) for g in out] == [[0, 1, 2, 3, 4, 5, 6, 18], [7, 8, 9, 10, 11], list(range(12, 18))]
+    # no alarm, nothing moves
+    same = audit.recruit(groups, [False] * 4, [0.0] * 4, flip, atypical, direction)
+    assert [g.tolist() for g in same] == [g.tolist() for g in groups]
+
+
 def test_the_audit_puts_the_shortcut_first_and_alone(case):
     model, images, maps, classes, centres = case
     found = audit.audit_maps(model, model.layer, images, maps, classes, list(range(len(maps))))
