@@ -73,6 +73,7 @@ def print_audit(audits: dict[str, dict], class_names) -> None:
         alarms = [s for s in ranked if alarmed(s["suspicion"], s["n"])]
         level = f"the alarm level (suspicion {ALARM} over at least {MIN_ALARM} maps)"
         print(f"shortcut audit ({method}, {a['n_maps']} maps): "
-              + (f"{len(alarms)} strategy(ies) at {level}:" if alarms else f"no strategy reaches {level}; the most suspicious:"))
+              + (f"{len(alarms)} strategy(ies) at {level}, the strongest evidence (suspicion x sqrt(maps)) first:"
+                 if alarms else f"no strategy reaches {level}; the strongest evidence (suspicion x sqrt(maps)):"))
         for s in alarms or ranked[:1]:
             print(f"  suspicion {s['suspicion']:.2f}: {in_words(s, class_names)}")
