@@ -376,20 +376,20 @@ def cluster(v: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.unique(labels, return_inverse=True)[1].astype(np.int64)
 
 
-def recruit(groups: list[np.ndarray], alarm: list[bool], evidence: list[float], flip: np.ndarray,
+def recruit(groups: list[np.ndarray], alarm: list[bool], strength: list[float], flip: np.ndarray,
             atypical: np.ndarray, direction: np.ndarray) -> list[np.ndarray]:
     """The maps a shortcut decided outside its strategy. Clustering groups a class's maps by what the
     model sees at their hot spots, and a mark on other tissue can look like that tissue's maps to it:
     a debris image called background because of a green blob lies with the background images that
-    carry the blob and are background with or without it. So each alarmed group (the strongest
-    evidence first) takes in, from the groups that raise no alarm, every map whose own hot spot
-    decided its prediction (flip), is unlike tissue (atypical) and unlike it the same way: its
-    content's signed z-scores (direction, (N, d)) at a positive cosine with their mean over the
-    group's atypical maps. Returns the groups, empty ones dropped; indices are rows of flip etc."""
+    carry the blob and are background with or without it. So each alarmed group (the largest
+    strength, its evidence(), first) takes in, from the groups that raise no alarm, every map whose
+    own hot spot decided its prediction (flip), is unlike tissue (atypical) and unlike it the same
+    way: its content's signed z-scores (direction, (N, d)) at a positive cosine with their mean over
+    the group's atypical maps. Returns the groups, empty ones dropped; indices are rows of flip etc."""
     groups = [np.asarray(g) for g in groups]
     unit = direction / np.maximum(np.linalg.norm(direction, axis=1, keepdims=True), 1e-12)
     cold = [j for j, a in enumerate(alarm) if not a]
-    for j in sorted((j for j, a in enumerate(alarm) if a), key=lambda j: -evidence[j]):
+    for j in sorted((j for j, a in enumerate(alarm) if a), key=lambda j: -strength[j]):
         way = direction[groups[j][atypical[groups[j]]]].mean(0)
         for t in cold:
             m = groups[t]
