@@ -145,9 +145,18 @@ def db_error(path: str, exc: sqlite3.Error) -> DatabaseError:
 def check_header(conn: sqlite3.Connection, path: str, schema: str = "main", for_merge: bool = False) -> int:
     """Return the schema version of `schema` on `conn`; DatabaseError if it is foreign or too new.
     An empty file (application_id 0, nothing inside) is version 0, to be created; not as a source."""
-    app = conn.execute(f"PRAGMA {schema}.application_id").fetchone()[0]
-    version = conn.execute(f"PRAGMA {schema}.user_version").fetchone()[0]
-    n_objects = conn.execute(f"SELECT count(*) FROM {schema}.sqlite_master").fetchone()[0]
+    # One read transaction, so the three reads see one moment: another process may be creating the
+    # file, and its header read before its commit with its tables read after would look foreign.
+    own = not conn.in_transaction
+    if own:
+        conn.execute("BEGIN")
+    try:
+        app = conn.execute(f"PRAGMA {schema}.application_id").fetchone()[0]
+        version = conn.execute(f"PRAGMA {schema}.user_version").fetchone()[0]
+        n_objects = conn.execute(f"SELECT count(*) FROM {schema}.sqlite_master").fetchone()[0]
+    finally:
+        if own:
+            conn.execute("COMMIT")
     away = "leave it out of --merge-from" if for_merge else "pass another --db path or move this file away"
     if app != APPLICATION_ID and (app != 0 or n_objects or for_merge):  # app 0 and nothing inside: empty
         raise DatabaseError(f"{path}: not an explanations database (application_id {app}, "

@@ -686,3 +686,32 @@ def test_a_bad_audit_stores_nothing_and_a_rewritten_map_drops_its_audit(populate
     db.add_attributions(**same, maps=ig["maps"][first] + 1)  # another map: the audit no longer describes the maps
     assert db.audit(**key) is None
     assert count(db.path, "strategies") == count(db.path, "strategy_members") == 0
+
+
+def test_the_header_check_reads_one_moment_while_another_process_creates_the_file(tmp_path):
+    """A shard opening a file another shard is creating must not read the header from before that
+    shard's commit and the tables from after it ("application_id 0, 25 schema objects")."""
+    from db_schema import check_header, uri
+    path = tmp_path / "shared.db"
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as w:
+        w.execute("PRAGMA journal_mode = WAL")
+        w.execute("CREATE TABLE x(a)")
+        w.execute("DROP TABLE x")  # a WAL file with nothing in it yet, as a shard's first open leaves it
+
+    class CommitsBetweenReads(sqlite3.Connection):
+        """After the header's application_id is read, the other shard commits its schema."""
+        def execute(self, sql, *args):
+            out = super().execute(sql, *args)
+            if "application_id" in sql:
+                with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+                    other.execute("BEGIN IMMEDIATE")
+                    other.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                    other.execute("CREATE TABLE models(id INTEGER PRIMARY KEY)")
+                    other.execute("COMMIT")
+            return out
+
+    with contextlib.closing(sqlite3.connect(uri(str(path), "ro"), uri=True, factory=CommitsBetweenReads)) as ro:
+        assert check_header(ro, str(path)) == 0  # empty as of its one moment; before the fix: DatabaseError
+        assert not ro.in_transaction
+    with contextlib.closing(sqlite3.connect(uri(str(path), "ro"), uri=True)) as ro:
+        assert ro.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID  # the commit did land
